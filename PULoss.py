@@ -1,0 +1,361 @@
+"""Non-negative (nnPU), unbiased (uPU) and PNU risk estimators as Keras 3 losses.
+
+Positive-unlabeled (PU) learning trains a binary classifier from positive (P)
+examples and unlabeled (U) examples, a mixture of positives and negatives with
+a known positive fraction, the class prior. In this project the positive class
+is plain background sky and the negative class is aurora.
+
+Conventions used everywhere in this module:
+
+* ``y_pred`` holds one real-valued score (a logit) per sample; a score > 0
+  means positive.
+* PU labels: +1 positive, -1 unlabeled. PNU labels: +1 positive, -1 negative,
+  0 unlabeled. Float or integer labels of shape ``(batch,)`` or
+  ``(batch, 1)`` are accepted; labels and scores are flattened to 1-D before
+  anything else, so they can never broadcast to ``(batch, batch)``.
+* The risks are batch-level means, so each loss returns one scalar per batch.
+  The ``reduction`` argument is accepted for API compatibility but every
+  reduction of a scalar is the scalar itself; per-sample weights are refused.
+
+Everything is written with ``keras.ops`` only (no Python control flow on
+tensors), so the losses run on every Keras backend, inside ``fit`` and under
+``jit_compile=True``.
+
+References
+----------
+.. [1] M. C. du Plessis, G. Niu, M. Sugiyama. "Convex formulation for
+   learning from positive and unlabeled data." ICML 2015 (uPU).
+.. [2] R. Kiryo, G. Niu, M. C. du Plessis, M. Sugiyama. "Positive-unlabeled
+   learning with non-negative risk estimator." NeurIPS 2017 (nnPU).
+.. [3] T. Sakai, M. C. du Plessis, G. Niu, M. Sugiyama. "Semi-supervised
+   classification based on classification from positive and unlabeled data."
+   ICML 2017 (PNU).
+"""
+
+import keras
+from keras import ops
+
+SURROGATE_LOSSES = ("sigmoid", "logistic")
+
+
+def surrogate(z, loss="sigmoid"):
+    """Surrogate of the zero-one loss for the margin ``z``, elementwise.
+
+    ``l(z) = sigmoid(-z)`` for ``"sigmoid"`` (bounded, as in [2]) and
+    ``l(z) = softplus(-z) = log(1 + exp(-z))`` for ``"logistic"``. Both are
+    decreasing in ``z``: the loss of scoring a positive with ``z``, and of
+    scoring a negative with ``-z``.
+    """
+    if loss == "sigmoid":
+        return ops.sigmoid(-z)
+    if loss == "logistic":
+        return ops.softplus(-z)
+    raise ValueError(
+        f"Invalid loss: expected one of {SURROGATE_LOSSES}, received {loss!r}"
+    )
+
+
+def _flatten(y_true, y_pred):
+    # Keras passes labels as (batch,) and scores as (batch, 1); comparing those
+    # without flattening would silently broadcast to (batch, batch).
+    y_pred = ops.reshape(ops.convert_to_tensor(y_pred), (-1,))
+    y_true = ops.cast(ops.reshape(ops.convert_to_tensor(y_true), (-1,)), y_pred.dtype)
+    return y_true, y_pred
+
+
+def _masked_mean(values, mask):
+    # The count is floored at 1 so that a batch without this class gives a
+    # zero mean instead of a division by zero ([2], reference code).
+    return ops.sum(values * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+def pu_risk(y_true, y_pred, prior, loss="sigmoid"):
+    """The parts of the unbiased PU risk of one batch ([1], [2] eq. 3).
+
+    Parameters
+    ----------
+    y_true : tensor of shape (batch,) or (batch, 1)
+        +1 for positive (background), -1 for unlabeled. Other values are
+        ignored.
+    y_pred : tensor of shape (batch,) or (batch, 1)
+        Logits; > 0 means positive.
+    prior : float
+        Class prior, the fraction of positives among the unlabeled data.
+    loss : {"sigmoid", "logistic"}
+        The surrogate loss ``l``.
+
+    Returns
+    -------
+    dict of scalar tensors
+        ``Rp_plus`` = mean over P of l(z), ``Rp_minus`` = mean over P of
+        l(-z), ``Ru_minus`` = mean over U of l(-z), ``positive_risk`` =
+        prior * Rp_plus, ``negative_risk`` = Ru_minus - prior * Rp_minus
+        (the estimate of (1 - prior) times the risk on negatives; it can be
+        negative for a flexible model, which is what nnPU corrects).
+    """
+    y_true, y_pred = _flatten(y_true, y_pred)
+    positive = ops.cast(ops.equal(y_true, 1.0), y_pred.dtype)
+    unlabeled = ops.cast(ops.equal(y_true, -1.0), y_pred.dtype)
+    Rp_plus = _masked_mean(surrogate(y_pred, loss), positive)
+    Rp_minus = _masked_mean(surrogate(-y_pred, loss), positive)
+    Ru_minus = _masked_mean(surrogate(-y_pred, loss), unlabeled)
+    return {
+        "Rp_plus": Rp_plus,
+        "Rp_minus": Rp_minus,
+        "Ru_minus": Ru_minus,
+        "positive_risk": prior * Rp_plus,
+        "negative_risk": Ru_minus - prior * Rp_minus,
+    }
+
+
+def non_negative_objective(positive_risk, negative_risk, beta=0.0, gamma=1.0, nnPU=True):
+    """Combine the two partial risks as uPU or nnPU ([2], Algorithm 1).
+
+    uPU (``nnPU=False``): value and gradient of ``positive_risk +
+    negative_risk``. nnPU: the same while ``negative_risk >= -beta``;
+    otherwise the value reported is ``positive_risk - beta`` but the gradient
+    back-propagated is that of ``-gamma * negative_risk``, a step of gradient
+    ascent that pushes the negative risk back up. This mirrors the reference
+    Chainer implementation (kiryor/nnPUlearning), which reports one value and
+    back-propagates another. Both branches are computed and one is selected
+    with ``ops.where``; the reported value is attached to the back-propagated
+    graph with ``stop_gradient``.
+
+    Returns
+    -------
+    scalar tensor
+        Numerically the reported value; its gradient is the back-propagated
+        one.
+    """
+    upu = positive_risk + negative_risk
+    if not nnPU:
+        return upu
+    corrected = negative_risk < -beta
+    reported = ops.where(corrected, positive_risk - beta, upu)
+    backpropagated = ops.where(corrected, -gamma * negative_risk, upu)
+    return backpropagated + ops.stop_gradient(reported - backpropagated)
+
+
+def pu_loss(y_true, y_pred, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True):
+    """nnPU (default) or uPU objective of one batch, a scalar tensor.
+
+    Labels +1 positive, -1 unlabeled; ``y_pred`` logits, > 0 positive. See
+    `pu_risk` for the parts and `non_negative_objective` for which value is
+    reported and which gradient is back-propagated.
+    """
+    risk = pu_risk(y_true, y_pred, prior, loss)
+    return non_negative_objective(
+        risk["positive_risk"], risk["negative_risk"], beta, gamma, nnPU
+    )
+
+
+def pnu_risk(y_true, y_pred, prior, loss="sigmoid"):
+    """The parts of the PN, PU and NU risks of one batch ([3], section 3).
+
+    Parameters
+    ----------
+    y_true : tensor of shape (batch,) or (batch, 1)
+        +1 positive, -1 negative, 0 unlabeled.
+    y_pred : tensor of shape (batch,) or (batch, 1)
+        Logits; > 0 means positive.
+    prior : float
+        Class prior theta_P of the positives; theta_N = 1 - prior.
+    loss : {"sigmoid", "logistic"}
+
+    Returns
+    -------
+    dict of scalar tensors
+        With E_X the mean over the samples labelled X and g the logit:
+        ``pn_risk`` = theta_P E_P[l(g)] + theta_N E_N[l(-g)];
+        ``pu_positive`` = theta_P E_P[l(g)] and
+        ``pu_negative`` = E_U[l(-g)] - theta_P E_P[l(-g)], whose sum is the
+        PU risk; ``nu_negative`` = theta_N E_N[l(-g)] and
+        ``nu_positive`` = E_U[l(g)] - theta_N E_N[l(g)], whose sum is the
+        NU risk.
+    """
+    y_true, y_pred = _flatten(y_true, y_pred)
+    positive = ops.cast(ops.equal(y_true, 1.0), y_pred.dtype)
+    negative = ops.cast(ops.equal(y_true, -1.0), y_pred.dtype)
+    unlabeled = ops.cast(ops.equal(y_true, 0.0), y_pred.dtype)
+    loss_as_positive = surrogate(y_pred, loss)
+    loss_as_negative = surrogate(-y_pred, loss)
+    Rp_plus = _masked_mean(loss_as_positive, positive)
+    Rp_minus = _masked_mean(loss_as_negative, positive)
+    Rn_plus = _masked_mean(loss_as_positive, negative)
+    Rn_minus = _masked_mean(loss_as_negative, negative)
+    Ru_plus = _masked_mean(loss_as_positive, unlabeled)
+    Ru_minus = _masked_mean(loss_as_negative, unlabeled)
+    theta_n = 1.0 - prior
+    return {
+        "pn_risk": prior * Rp_plus + theta_n * Rn_minus,
+        "pu_positive": prior * Rp_plus,
+        "pu_negative": Ru_minus - prior * Rp_minus,
+        "nu_negative": theta_n * Rn_minus,
+        "nu_positive": Ru_plus - theta_n * Rn_plus,
+    }
+
+
+def pnu_loss(y_true, y_pred, prior, eta, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True):
+    """PNU objective of one batch ([3], eq. 7), a scalar tensor.
+
+    For ``eta >= 0``: ``(1 - eta) * R_PN + eta * R_PU``; for ``eta < 0``:
+    ``(1 + eta) * R_PN - eta * R_NU``. ``eta = 0`` is supervised PN learning,
+    ``eta = 1`` is PU and ``eta = -1`` is NU learning. With ``nnPU=True`` the
+    PU part gets the non-negative correction of [2] on its negative-risk
+    estimate, and the NU part the same on its positive-risk estimate, with
+    the value/gradient rule of `non_negative_objective`.
+
+    Labels: +1 positive, -1 negative, 0 unlabeled.
+    """
+    risk = pnu_risk(y_true, y_pred, prior, loss)
+    pu = non_negative_objective(risk["pu_positive"], risk["pu_negative"], beta, gamma, nnPU)
+    nu = non_negative_objective(risk["nu_negative"], risk["nu_positive"], beta, gamma, nnPU)
+    if eta >= 0:
+        return (1.0 - eta) * risk["pn_risk"] + eta * pu
+    return (1.0 + eta) * risk["pn_risk"] - eta * nu
+
+
+def pu_zero_one_risk(y_true, y_pred, prior):
+    """PU estimate of the zero-one classification risk, needing no negatives.
+
+    ``2 * prior * err_P + err_U - prior`` ([2], section 5), where err_P is the
+    fraction of positives scored <= 0 and err_U the fraction of unlabeled
+    scored > 0. It equals the misclassification rate on the distribution the
+    unlabeled data come from, so it can select models and epochs.
+
+    Labels +1 positive, -1 unlabeled; ``y_pred`` logits, > 0 positive.
+    """
+    y_true, y_pred = _flatten(y_true, y_pred)
+    positive = ops.cast(ops.equal(y_true, 1.0), y_pred.dtype)
+    unlabeled = ops.cast(ops.equal(y_true, -1.0), y_pred.dtype)
+    err_p = _masked_mean(ops.cast(y_pred <= 0, y_pred.dtype), positive)
+    err_u = _masked_mean(ops.cast(y_pred > 0, y_pred.dtype), unlabeled)
+    return 2.0 * prior * err_p + err_u - prior
+
+
+def _check_hyperparameters(prior, loss, gamma, beta):
+    try:
+        prior = float(prior)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid prior: expected a number in (0, 1), received {prior!r}") from None
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"Invalid prior: expected 0 < prior < 1, received {prior}")
+    if loss not in SURROGATE_LOSSES:
+        raise ValueError(f"Invalid loss: expected one of {SURROGATE_LOSSES}, received {loss!r}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"Invalid gamma: expected 0 <= gamma <= 1, received {gamma}")
+    if beta < 0.0:
+        raise ValueError(f"Invalid beta: expected beta >= 0, received {beta}")
+    return prior
+
+
+class _BatchRiskLoss(keras.losses.Loss):
+    # The risks are batch-level means, so a per-sample weight has no meaning.
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support sample_weight: "
+                "the risk is a batch-level quantity; weight the classes with prior instead"
+            )
+        return super().__call__(y_true, y_pred)
+
+
+@keras.saving.register_keras_serializable(package="PULoss")
+class PULoss(_BatchRiskLoss):
+    """Non-negative (nnPU) or unbiased (uPU) PU loss for ``model.compile``.
+
+    Parameters
+    ----------
+    prior : float
+        Class prior in (0, 1): the fraction of positives (background) among
+        the unlabeled samples.
+    loss : {"sigmoid", "logistic"}
+        Surrogate loss, ``sigmoid(-z)`` or ``softplus(-z)``.
+    gamma : float in [0, 1]
+        Step size of the gradient ascent on the negative risk when nnPU
+        corrects ([2], Algorithm 1).
+    beta : float >= 0
+        Tolerance: the correction fires when the negative risk < -beta.
+    nnPU : bool
+        True for nnPU, False for uPU.
+    name, reduction, dtype
+        As for every ``keras.losses.Loss``. The loss of a batch is a scalar,
+        so all reductions give the same value.
+
+    Notes
+    -----
+    Labels: +1 positive, -1 unlabeled, shape (batch,) or (batch, 1), float
+    or int. Predictions: one logit per sample, > 0 positive. When the
+    correction fires, the value reported is ``prior * Rp+ - beta`` but the
+    gradient is that of ``-gamma * Rn`` (see `non_negative_objective`).
+
+    Examples
+    --------
+    >>> model.compile(optimizer="adam", loss=PULoss(prior=0.7))
+    >>> model.fit(x, y)  # y: +1 for P samples, -1 for U samples
+    """
+
+    def __init__(self, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True,
+                 name="pu_loss", reduction="sum_over_batch_size", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.prior = _check_hyperparameters(prior, loss, gamma, beta)
+        self.loss = loss
+        self.gamma = float(gamma)
+        self.beta = float(beta)
+        self.nnPU = bool(nnPU)
+
+    def call(self, y_true, y_pred):
+        return pu_loss(y_true, y_pred, self.prior, self.loss, self.gamma, self.beta, self.nnPU)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(prior=self.prior, loss=self.loss, gamma=self.gamma,
+                      beta=self.beta, nnPU=self.nnPU)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="PULoss")
+class PNULoss(_BatchRiskLoss):
+    """PNU loss ([3]): positive, negative and unlabeled data together.
+
+    Parameters
+    ----------
+    prior : float
+        Class prior of the positives, in (0, 1).
+    eta : float in [-1, 1]
+        Mix of the PN risk with the PU risk (eta > 0) or the NU risk
+        (eta < 0); see `pnu_loss` for the formula.
+    loss, gamma, beta, nnPU, name, reduction, dtype
+        As for `PULoss`; the non-negative correction applies to the PU or NU
+        part.
+
+    Notes
+    -----
+    Labels: +1 positive, -1 negative, 0 unlabeled.
+    """
+
+    def __init__(self, prior, eta, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True,
+                 name="pnu_loss", reduction="sum_over_batch_size", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.prior = _check_hyperparameters(prior, loss, gamma, beta)
+        try:
+            eta = float(eta)
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid eta: expected a number in [-1, 1], received {eta!r}") from None
+        if not -1.0 <= eta <= 1.0:
+            raise ValueError(f"Invalid eta: expected -1 <= eta <= 1, received {eta}")
+        self.eta = eta
+        self.loss = loss
+        self.gamma = float(gamma)
+        self.beta = float(beta)
+        self.nnPU = bool(nnPU)
+
+    def call(self, y_true, y_pred):
+        return pnu_loss(y_true, y_pred, self.prior, self.eta, self.loss,
+                        self.gamma, self.beta, self.nnPU)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(prior=self.prior, eta=self.eta, loss=self.loss,
+                      gamma=self.gamma, beta=self.beta, nnPU=self.nnPU)
+        return config
