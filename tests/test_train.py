@@ -1,0 +1,194 @@
+"""train.py through its CLI, as a user runs it, on tiny folders in tmp_path."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from conftest import ROOT
+
+
+def dark_sky(rng, size):
+    """A noisy dark frame: the positive (background) class."""
+    sky = 0.08 + 0.03 * rng.standard_normal((size, size, 3))
+    return np.clip(sky, 0, 1)
+
+
+def with_aurora(rng, size):
+    """Dark sky with a bright green band across the left half: aurora."""
+    frame = dark_sky(rng, size)
+    frame[:, : size // 2, 1] = 0.7 + 0.05 * rng.standard_normal((size, size // 2))
+    return frame
+
+
+def write_png(path, frame):
+    Image.fromarray((np.clip(frame, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """P: 6 dark frames. U: 4 dark + 4 half-aurora frames. N: 4 aurora crops."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name in ("P", "U", "N"):
+        (root / name).mkdir()
+    for i in range(6):
+        write_png(root / "P" / f"p{i}.png", dark_sky(rng, 48))
+    for i in range(4):
+        write_png(root / "U" / f"sky{i}.png", dark_sky(rng, 48))
+        write_png(root / "U" / f"aurora{i}.png", with_aurora(rng, 48))
+        write_png(root / "N" / f"n{i}.png", with_aurora(rng, 48)[:, :24])
+    return root
+
+
+def base_args(folders, save_dir, *extra):
+    return ["--P_dataset", str(folders / "P"), "--U_dataset", str(folders / "U"),
+            "--save_dir", str(save_dir), "--patch_size", "16", "--P_n", "200", "--U_n", "400",
+            "--epochs", "1", "--batchsize", "32", "--quiet", "--prior", str(train.PRIOR_DEFAULT), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(folders, tmp_path_factory):
+    """One CNN training run shared by the output checks."""
+    save_dir = tmp_path_factory.mktemp("run") / "Results"
+    code = train.main(base_args(folders, save_dir, "--model", "CNN", "--epochs", "2"))
+    assert code == 0
+    return save_dir
+
+
+def test_cli_writes_every_output(trained):
+    for name in ("model.keras", "config.json", "history.csv", "loss.png", "prediction.png"):
+        assert (trained / name).stat().st_size > 0, name
+    assert not (trained / "backup").exists()
+
+
+def test_config_records_the_resolved_settings(trained, folders):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["prior"] == train.PRIOR_DEFAULT
+    assert config["method"] == "nnPU"
+    assert config["model"] == "CNN"
+    assert config["P_dataset"] == str(folders / "P")
+    assert config["P_patches"] == [180, 20] and config["U_patches"] == [360, 40]
+    assert config["epochs_run"] == 2
+    assert set(config["versions"]) >= {"tensorflow", "keras", "numpy"}
+    # Round trip: the recorded flags parse back into the same settings.
+    args = train.build_parser().parse_args(base_args(folders, trained, "--model", config["model"]))
+    assert args.patch_size == config["patch_size"] and args.prior == config["prior"]
+
+
+def test_history_has_risks_per_epoch(trained):
+    with open(trained / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for key in ("loss", "positive_risk", "negative_risk", "val_pu_zero_one_risk", "val_nnpu_risk"):
+        assert np.isfinite(float(rows[-1][key])), key
+
+
+def test_saved_model_loads_in_a_fresh_process_without_project_modules(trained):
+    script = (
+        "import sys, keras, numpy as np\n"
+        f"m = keras.models.load_model({str(trained / 'model.keras')!r}, compile=False)\n"
+        "assert 'PULoss' not in sys.modules and 'train' not in sys.modules\n"
+        "out = m.predict(np.zeros((3, 16, 16, 3), 'float32'), verbose=0)\n"
+        "print(tuple(m.input_shape), out.shape, out.dtype)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "(None, 16, 16, 3) (3, 1) float32"
+
+
+def test_resnet18_classifies_held_out_patches_in_inference_mode(folders, tmp_path):
+    save_dir = tmp_path / "Results"
+    code = train.main(base_args(folders, save_dir, "--epochs", "3", "--prior", "0.75"))
+    assert code == 0
+    import keras
+
+    model = keras.models.load_model(save_dir / "model.keras", compile=False)
+    rng = np.random.default_rng(123)  # fresh patches the training never saw
+    background = np.stack([dark_sky(rng, 16) for _ in range(50)]).astype("float32")
+    aurora = np.stack([with_aurora(rng, 32)[:16, :16] for _ in range(50)]).astype("float32")
+    logits = model.predict(np.concatenate([background, aurora]), verbose=0).ravel()
+    accuracy = np.mean((logits > 0) == np.r_[np.ones(50), np.zeros(50)].astype(bool))
+    assert accuracy >= 0.9, accuracy
+
+
+def test_no_nnpu_selects_upu(folders, tmp_path):
+    args = train.build_parser().parse_args(base_args(folders, tmp_path, "--no-nnPU"))
+    loss = train.make_loss(args)
+    assert type(loss).__name__ == "PULoss" and loss.nnPU is False
+    assert train.make_loss(train.build_parser().parse_args(base_args(folders, tmp_path))).nnPU is True
+
+
+def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
+    save_dir = tmp_path / "pnu"
+    code = train.main(base_args(folders, save_dir, "--model", "CNN", "--N_dataset", str(folders / "N"),
+                                "--eta", "0.5", "--N_n", "100"))
+    assert code == 0
+    config = json.loads((save_dir / "config.json").read_text())
+    assert config["method"] == "PNU" and config["N_patches"] == 100
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prior", "1.5"], r"argument --prior: expected 0 < prior < 1, received 1.5"),
+    (["--prior", "abc"], r"argument --prior: expected a number in \(0, 1\), received 'abc'"),
+    (["--epochs", "0"], r"argument --epochs: expected an integer >= 1, received 0"),
+    (["--batchsize", "1"], r"--batchsize: every batch needs P and U patches"),
+    (["--nnPU", "False"], r"unrecognized arguments: False"),
+    (["--eta", "0.5"], r"--eta needs --N_dataset"),
+    (["--N_dataset", "."], r"--N_dataset needs --eta"),
+    (["--N_dataset", ".", "--eta", "2"], r"--eta: expected -1 <= eta <= 1, received 2.0"),
+    (["--gamma", "2"], r"--gamma: expected 0 <= gamma <= 1, received 2.0"),
+    (["--beta", "-1"], r"--beta: expected beta >= 0, received -1.0"),
+    (["--model", "VGG"], r"argument --model: invalid choice: 'VGG'"),
+    (["--patch_size", "64"], r"P: none of its 6 image files could be used for 64x64 patches"),
+])
+def test_bad_flags_exit_2_with_one_line(folders, tmp_path, capsys, extra, message):
+    save_dir = tmp_path / "out"
+    assert run_main(base_args(folders, save_dir, *extra)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    # Skipped files are warned about one line each; the error is one line.
+    assert all(line.startswith("train.py: warning:") for line in lines[:-1]), lines
+    assert lines[-1].startswith("train.py: error:") and re.search(message, lines[-1]), lines
+    assert not save_dir.exists()
+
+
+def run_main(argv):
+    """main()'s exit code, whether it returns it or argparse exits."""
+    try:
+        return train.main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_missing_and_empty_folders(folders, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train.main(base_args(folders, tmp_path / "o", "--P_dataset", str(tmp_path / "nope"))) == 2
+    assert "--P_dataset" in capsys.readouterr().err
+    assert train.main(base_args(folders, tmp_path / "o", "--U_dataset", str(tmp_path / "empty"))) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "empty") in err and len(err.strip().splitlines()) == 1
+
+
+def test_existing_model_is_not_overwritten(folders, tmp_path, capsys):
+    save_dir = tmp_path / "Results"
+    save_dir.mkdir()
+    (save_dir / "model.keras").write_bytes(b"earlier run")
+    assert train.main(base_args(folders, save_dir)) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (save_dir / "model.keras").read_bytes() == b"earlier run"
+    assert train.main(base_args(folders, save_dir, "--model", "CNN", "--overwrite")) == 0
+    assert (save_dir / "model.keras").read_bytes() != b"earlier run"
+
+
+def test_cli_runs_as_a_script(folders, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--P_dataset" in result.stdout and "(default: auto)" in result.stdout
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *base_args(folders, tmp_path, "--prior", "2")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
