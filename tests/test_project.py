@@ -16,3 +16,28 @@ def test_ci_runs_exactly_the_readme_test_command():
     test_command = fenced_commands(section)[0]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+
+
+def quick_start():
+    readme = (ROOT / "README.md").read_text()
+    return fenced_commands(readme.split("## Quick start", 1)[1].split("\n## ", 1)[0])
+
+
+def test_quick_start_is_install_train_segment_with_real_paths():
+    import shlex
+
+    import segmentation
+    import train
+
+    install, train_command, segment_command = quick_start()
+    assert install == "python -m pip install -r requirements.txt"
+    train_argv = shlex.split(train_command)
+    assert train_argv[:2] == ["python", "train.py"]
+    train_args = train.build_parser().parse_args(train_argv[2:])
+    segment_argv = shlex.split(segment_command)
+    assert segment_argv[:2] == ["python", "segmentation.py"]
+    segment_args = segmentation.build_parser().parse_args(segment_argv[2:])
+    for folder in (train_args.P_dataset, train_args.U_dataset, segment_args.dataset, segment_args.masks):
+        assert (ROOT / folder).is_dir(), folder
+    # Segmentation reads the model the training command writes.
+    assert (ROOT / segment_args.model) == ROOT / train_args.save_dir / "model.keras"
