@@ -1,0 +1,34 @@
+"""A small version of tests/evaluate_quality.py: a regression that breaks
+segmentation quality fails CI. Short training, loose bound."""
+
+import csv
+
+import numpy as np
+from PIL import Image
+
+import data
+import segmentation
+import train
+from conftest import ROOT
+
+
+def test_short_training_segments_heldout_frames(tmp_path):
+    frames, masks = tmp_path / "frames", tmp_path / "masks"
+    frames.mkdir()
+    masks.mkdir()
+    # Seeds and settings the shipped dataset does not use.
+    for i, (brightness, width) in enumerate([(1.2, 1.0), (1.0, 1.3), (1.3, 0.8)]):
+        image, mask = data.synthetic_frame(256, seed=700_001 + i, brightness=brightness, arc_width=width)
+        Image.fromarray(image).save(frames / f"f{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(masks / f"f{i}.png")
+    model_dir = tmp_path / "model"
+    assert train.main(["--P_dataset", str(ROOT / "dataset" / "Positive"),
+                       "--U_dataset", str(ROOT / "dataset" / "Unlabelled"),
+                       "--save_dir", str(model_dir), "--prior", "0.8", "--patch_size", "16",
+                       "--P_n", "1000", "--U_n", "2000", "--epochs", "2", "--quiet"]) == 0
+    assert segmentation.main(["--dataset", str(frames), "--model", str(model_dir / "model.keras"),
+                              "--save_dir", str(tmp_path / "seg"), "--masks", str(masks), "--quiet"]) == 0
+    with open(tmp_path / "seg" / "summary.csv", newline="") as f:
+        iou = [float(r["iou"]) for r in csv.DictReader(f) if r["file"] != "mean"]
+    assert len(iou) == 3
+    assert min(iou) > 0.5, iou
