@@ -233,6 +233,119 @@ def test_points_outside_the_sky_are_skipped_without_changing_the_sky():
 
 
 # ---------------------------------------------------------------------------
+# Coarse-to-fine refinement (the default mode)
+# ---------------------------------------------------------------------------
+
+
+def edge_frame(rows=64, cols=80):
+    """Grey brightness 0.05 above a wavy edge, 0.55 below it, blurred over about 3 pixels.
+
+    Through mean_model the logit is about +5 far above the edge and -5 far
+    below it, and crosses 0 once along every column.
+    """
+    row, col = np.mgrid[:rows, :cols]
+    edge = 0.4 * rows + 0.15 * rows * np.sin(col / 13.0)
+    brightness = 0.3 + 0.25 * np.tanh((row - edge) / 3.0)
+    return np.repeat(brightness[..., None], 3, axis=2).astype(np.float32)
+
+
+def test_threshold_logit_and_cells_to_refine_hand_computed():
+    assert segmentation.threshold_logit(0.5) == 0.0
+    assert segmentation.threshold_logit(0.2) == pytest.approx(np.log(4.0))
+    assert segmentation.threshold_logit(0.0) == np.inf and segmentation.threshold_logit(1.0) == -np.inf
+    grid = np.array([[-1.0, 2.0, 3.0], [-2.0, 5.0, 4.0], [-3.0, -4.0, 9.0]], np.float32)
+    exact = np.ones((3, 3), bool)
+    # Cells (0, 0), (1, 0) and (1, 1) have corners on both sides of 0.
+    np.testing.assert_array_equal(segmentation.cells_to_refine(grid, exact, 0.0, 0.0), [[1, 0], [1, 1]])
+    # Corner 2.0 is within 2.5 of 0, so cell (0, 1) joins.
+    np.testing.assert_array_equal(segmentation.cells_to_refine(grid, exact, 0.0, 2.5), [[1, 1], [1, 1]])
+    # A cell with an interpolated (not exact) corner is never refined.
+    exact[0, 0] = False
+    np.testing.assert_array_equal(segmentation.cells_to_refine(grid, exact, 0.0, 0.0), [[0, 0], [1, 1]])
+    # Threshold 0: every finite logit is aurora, nothing to refine.
+    assert not segmentation.cells_to_refine(grid, np.ones((3, 3), bool), np.inf, 1.0).any()
+
+
+def test_next_stride_divides_so_that_grids_nest():
+    assert [segmentation._next_stride(s) for s in (16, 8, 2, 12, 9, 5)] == [8, 4, 1, 6, 3, 1]
+    for rows, stride in [(37, 16), (40, 12), (9, 5)]:
+        finer = segmentation._next_stride(stride)
+        assert set(grid_coordinates(rows, stride)) <= set(grid_coordinates(rows, finer))
+
+
+@pytest.mark.parametrize("stride, threshold", [(8, 0.5), (16, 0.5), (12, 0.3)])
+def test_refined_mask_equals_stride_one_mask_with_fewer_patches(stride, threshold):
+    # The edge is a smooth curve that crosses each column once and bends
+    # slowly, so every cell it crosses has corners on both sides of it (or
+    # close to it, within the margin) and is refined down to stride 1:
+    # the masks are equal.
+    image = edge_frame()
+    model = mean_model()
+    boundary = segmentation.threshold_logit(threshold)
+    exact, exact_patches = logit_map(model, image, stride=1)
+    refined, patches = logit_map(model, image, stride=stride, refine=True, threshold=threshold, margin=1.0,
+                                 refine_stride=1)
+    exact_mask, refined_mask = exact < boundary, refined < boundary
+    assert 0.1 < exact_mask.mean() < 0.9  # the boundary really crosses the frame
+    plain, _ = logit_map(model, image, stride=stride)
+    assert ((plain < boundary) != exact_mask).any()  # so interpolation alone is not exact here
+    np.testing.assert_array_equal(refined_mask, exact_mask)
+    assert patches < exact_patches / 2
+    # Next to the boundary the logits are the evaluated ones, not interpolated.
+    boundary_pixels = np.zeros_like(exact_mask)
+    boundary_pixels[:-1] |= exact_mask[:-1] != exact_mask[1:]
+    boundary_pixels[:, :-1] |= exact_mask[:, :-1] != exact_mask[:, 1:]
+    np.testing.assert_allclose(refined[boundary_pixels], exact[boundary_pixels], rtol=1e-5, atol=1e-5)
+
+
+def test_refinement_refines_only_near_the_boundary():
+    image = edge_frame()
+    model = mean_model()
+    coarse, coarse_patches = logit_map(model, image, stride=8)
+    refined, patches = logit_map(model, image, stride=8, refine=True, margin=0.0)
+    assert coarse_patches < patches < image.shape[0] * image.shape[1] / 3
+    # The coarse nodes are evaluated in both, and cells without the boundary
+    # keep the coarse interpolation.
+    np.testing.assert_array_equal(refined[::8, ::8], coarse[::8, ::8])
+    assert np.count_nonzero(refined == coarse) > 0.5 * refined.size
+
+
+def test_refinement_skips_points_outside_the_sky_and_handles_thin_frames():
+    frame, _ = fisheye_frame(40, 16)
+    sky = sky_mask(frame)
+    model = centre_model()
+    exact, _ = logit_map(model, frame, stride=1, sky=sky)
+    refined, patches = logit_map(model, frame, stride=8, sky=sky, refine=True, refine_stride=1)
+    everywhere, all_patches = logit_map(model, frame, stride=8, refine=True, refine_stride=1)
+    assert patches < all_patches
+    np.testing.assert_array_equal((refined < 0)[sky], (exact < 0)[sky])
+    for shape in [(1, 9), (7, 1), (1, 1)]:
+        image = np.random.default_rng(9).random((*shape, 3)).astype(np.float32)
+        logits, _ = logit_map(model, image, stride=4, refine=True)
+        assert logits.shape == shape
+
+
+def test_refinement_stops_at_the_refine_stride():
+    image = edge_frame()
+    model = mean_model()
+    exact, _ = logit_map(model, image, stride=1)
+    to_one, one_patches = logit_map(model, image, stride=16, refine=True, refine_stride=1)
+    to_two, two_patches = logit_map(model, image, stride=16, refine=True, refine_stride=2)
+    assert two_patches < one_patches
+    # The stride-2 nodes are the same in both; the pixels between them differ.
+    np.testing.assert_array_equal(to_two[::2, ::2], to_one[::2, ::2])
+    assert not np.array_equal(to_two, to_one)
+    assert mask_metrics(to_two < 0, exact < 0)["iou"] > 0.98
+
+
+def test_refinement_margin_and_refine_stride_must_be_valid():
+    with pytest.raises(ValueError, match="Invalid margin: expected margin >= 0, received -1.0"):
+        logit_map(mean_model(), edge_frame(8, 8), stride=4, refine=True, margin=-1.0)
+    with pytest.raises(ValueError, match="Invalid refine_stride: expected an int >= 1, received 0"):
+        logit_map(mean_model(), edge_frame(8, 8), stride=4, refine=True, refine_stride=0)
+
+
+# ---------------------------------------------------------------------------
 # Fisheye circle, scores, colours
 # ---------------------------------------------------------------------------
 
@@ -490,6 +603,6 @@ def test_cli_help_returns_0_and_shows_defaults(capsys):
     assert code == 0
     help_text = capsys.readouterr().out
     for flag in ("--dataset", "--model", "--save_dir", "--stride", "--batchsize", "--threshold", "--masks",
-                 "--save_probability", "--overwrite", "--quiet"):
+                 "--save_probability", "--overwrite", "--quiet", "--refine", "--refine_stride"):
         assert flag in help_text
-    assert "(default: 4)" in help_text
+    assert re.search(r"\(default:\s+16\)", help_text) and "--no-refine" in help_text
