@@ -21,6 +21,9 @@ Two evaluations, each run through the command-line tools as a user runs them:
    saved model in inference mode (logit > 0 = background). Accuracy and AUC
    over 5 random splits, mean and spread; then the same with
    ``--prior auto``, with the estimated prior.
+3. The class prior estimator (``train.estimate_prior``) on synthetic U
+   patches with 100%, 50% and 10% of frames holding aurora, against the
+   truth of ``train.patch_is_background``.
 
 This is not a pytest test (it takes minutes); tests/test_quality.py is the
 small version that CI runs.
@@ -127,7 +130,9 @@ def real_split(work, split, prior):
         for path in files:
             shutil.copy(path, folder / name / f"{path.parent.name}_{path.name}")
     seconds, _ = run(["train.py", "--P_dataset", str(folder / "P"), "--U_dataset", str(folder / "U"),
-                      "--save_dir", str(folder / "model"), "--prior", str(prior), "--seed", str(split), "--quiet"])
+                      "--save_dir", str(folder / "model"), "--prior", str(prior), "--seed", str(split),
+                      # The labels describe whole 32x32 patches, so the model sees whole patches.
+                      "--patch_size", "32", "--quiet"])
     import data
 
     model = keras.models.load_model(folder / "model" / "model.keras", compile=False)
@@ -154,6 +159,49 @@ def real_evaluation(work, splits):
     return rows
 
 
+def frame_patches(n_frames, total, aurora_fraction, patch_size, seed):
+    """Random patches and their mask patches from fresh synthetic 256-pixel frames.
+
+    ``aurora_fraction`` of the frames have aurora; settings vary as in the
+    held-out set. Returns (patches (n, p, p, 3) float32, masks (n, p, p) bool).
+    """
+    import data
+
+    rng = np.random.default_rng(seed)
+    with_aurora = np.zeros(n_frames, bool)
+    with_aurora[rng.permutation(n_frames)[:int(round(aurora_fraction * n_frames))]] = True
+    per_frame = int(np.ceil(total / n_frames))
+    patches, masks = [], []
+    for aurora in with_aurora:
+        image, mask = data.synthetic_frame(256, seed=int(rng.integers(2**31)), aurora=bool(aurora),
+                                           brightness=rng.uniform(0.6, 1.4), arc_width=rng.uniform(0.7, 1.4),
+                                           cloud_cover=rng.uniform(0.0, 0.6))
+        # Image and mask as one array, so both are cut at the same positions.
+        stacked = np.concatenate([image / np.float32(255), mask[..., None].astype(np.float32)], axis=2)
+        cut = data.extract_patches(stacked, patch_size, n=per_frame, rng=rng)
+        patches.append(cut[..., :3])
+        masks.append(cut[..., 3] > 0.5)
+    return np.concatenate(patches)[:total], np.concatenate(masks)[:total]
+
+
+def prior_evaluation(fractions, patch_size=16):
+    """train.estimate_prior against the truth (train.patch_is_background) on
+    U folders with several amounts of aurora; P from 20 aurora-free frames."""
+    import train
+
+    rows = []
+    P, _ = frame_patches(20, 2000, 0.0, patch_size, seed=FIRST_SEED + 1000)
+    for i, fraction in enumerate(fractions):
+        U, masks = frame_patches(24, 4000, fraction, patch_size, seed=FIRST_SEED + 2000 + i)
+        truth = train.patch_is_background(masks).mean()
+        started = time.time()
+        result = train.estimate_prior(P, U, patch_size, seed=0)
+        rows.append((f"prior, synthetic U with {fraction:.0%} aurora frames ({patch_size} px patches)",
+                     f"estimate {result['estimate']:.3f} +- {result['uncertainty']:.3f}, truth {truth:.3f}, "
+                     f"error {result['estimate'] - truth:+.3f}", time.time() - started))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -161,13 +209,18 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="reuse this model.keras instead of training one")
     parser.add_argument("--epochs", type=int, default=None, help="override train.py's default epochs")
     parser.add_argument("--splits", type=int, default=5, help="random splits of the real patches")
-    parser.add_argument("--skip_real", action="store_true", help="only the synthetic evaluation")
+    parser.add_argument("--skip_real", action="store_true", help="skip the real-patch evaluation")
+    parser.add_argument("--skip_frames", action="store_true", help="skip the held-out frame evaluation")
+    parser.add_argument("--prior_fractions", type=float, nargs="*", default=[1.0, 0.5, 0.1],
+                        help="fractions of U frames with aurora for the prior evaluation (none: skip it)")
     args = parser.parse_args(argv)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows += synthetic_evaluation(work, args.model, args.frames, args.epochs)
+        if not args.skip_frames:
+            rows += synthetic_evaluation(work, args.model, args.frames, args.epochs)
+        rows += prior_evaluation(args.prior_fractions)
         if args.skip_real:
             pass
         elif REAL_PATCHES.is_dir():
