@@ -842,27 +842,12 @@ def _save_png(path, array):
     Image.fromarray(array).save(path, optimize=True)
 
 
-def _clear_crop(image, crop_size, rng):
-    """A random ``crop_size`` square lying wholly inside the sky circle of a square-ish frame."""
-    rows, cols = image.shape[:2]
-    radius = min(rows, cols) / 2 - 1
-    # The crop's far corner must stay inside the circle: its centre may be at
-    # most radius - crop_size / sqrt(2) from the zenith.
-    reach = max(radius - crop_size / np.sqrt(2) - 1, 0)
-    distance, angle = reach * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
-    top = int(round((rows - 1) / 2 + distance * np.sin(angle) - crop_size / 2))
-    left = int(round((cols - 1) / 2 + distance * np.cos(angle) - crop_size / 2))
-    top, left = min(max(top, 0), rows - crop_size), min(max(left, 0), cols - crop_size)
-    return image[top:top + crop_size, left:left + crop_size]
-
-
-def write_dataset(root, n_positive=20, n_unlabelled=24, size=256, seed=0, aurora_fraction=0.75, overwrite=False):
+def write_dataset(root, n_positive=40, n_unlabelled=40, size=256, seed=0, aurora_fraction=0.75, overwrite=False):
     """Write a synthetic P/U dataset with true masks.
 
     Layout (file stems shared between ``Unlabelled`` and ``masks``)::
 
-        root/Positive/sky_000.png ...    aurora-free whole frames; every fourth is
-                                         a crop of clear sky (size // 2 square)
+        root/Positive/sky_000.png ...    aurora-free whole frames
         root/Unlabelled/frame_000.png    whole frames, ``aurora_fraction`` with aurora
         root/masks/frame_000.png         uint8, 255 = aurora, 0 = background
         root/frames.csv                  generator settings of every file
@@ -923,9 +908,9 @@ def write_dataset(root, n_positive=20, n_unlabelled=24, size=256, seed=0, aurora
 
     for index in range(n_positive):
         image, _, settings = draw(aurora=False)
+        # Whole frames, not crops of clear sky: P must show the horizon and the
+        # black border as often as U does, or PU learning calls them aurora.
         name = f"sky_{index:03d}.png"
-        if index % 4 == 3:
-            image = _clear_crop(image, size // 2, rng)
         _save_png(folders["Positive"] / name, image)
         rows.append(dict(file=f"Positive/{name}", **settings, aurora_pixels=0.0))
 
@@ -1001,8 +986,8 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", default="dataset", help="output folder (Positive/, Unlabelled/, masks/)")
-    parser.add_argument("--n_positive", type=_positive_int, default=20, help="number of aurora-free Positive images")
-    parser.add_argument("--n_unlabelled", type=_positive_int, default=24, help="number of Unlabelled frames")
+    parser.add_argument("--n_positive", type=_positive_int, default=40, help="number of aurora-free Positive images")
+    parser.add_argument("--n_unlabelled", type=_positive_int, default=40, help="number of Unlabelled frames")
     parser.add_argument("--size", type=_frame_size, default=256, help="frame side in pixels")
     parser.add_argument("--aurora_fraction", type=_fraction, default=0.75,
                         help="share of Unlabelled frames with aurora")
