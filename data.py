@@ -938,8 +938,8 @@ def write_dataset(root, n_positive=40, n_unlabelled=40, size=256, seed=0, aurora
                 prior_frame=background_in_frame / (n_unlabelled * size * size))
 
 
-def _positive_int(text):
-    """argparse type: an integer >= 1."""
+def positive_int(text):
+    """argparse type: an integer >= 1 (shared by the CLIs of data.py, train.py and segmentation.py)."""
     try:
         value = int(text)
     except ValueError:
@@ -949,7 +949,7 @@ def _positive_int(text):
     return value
 
 
-def _fraction(text):
+def fraction(text):
     """argparse type: a number in [0, 1]."""
     try:
         value = float(text)
@@ -973,7 +973,7 @@ def _nonnegative_int(text):
 
 def _frame_size(text):
     """argparse type: a frame side of at least 16 pixels."""
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 16:
         raise argparse.ArgumentTypeError(f"expected a frame side >= 16 pixels, received {value}")
     return value
@@ -986,10 +986,10 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", default="dataset", help="output folder (Positive/, Unlabelled/, masks/)")
-    parser.add_argument("--n_positive", type=_positive_int, default=40, help="number of aurora-free Positive images")
-    parser.add_argument("--n_unlabelled", type=_positive_int, default=40, help="number of Unlabelled frames")
+    parser.add_argument("--n_positive", type=positive_int, default=40, help="number of aurora-free Positive images")
+    parser.add_argument("--n_unlabelled", type=positive_int, default=40, help="number of Unlabelled frames")
     parser.add_argument("--size", type=_frame_size, default=256, help="frame side in pixels")
-    parser.add_argument("--aurora_fraction", type=_fraction, default=0.75,
+    parser.add_argument("--aurora_fraction", type=fraction, default=0.75,
                         help="share of Unlabelled frames with aurora")
     parser.add_argument("--seed", type=_nonnegative_int, default=0,
                         help="random seed; the same seed writes the same files")

@@ -1173,26 +1173,6 @@ def read_true_mask(path, shape):
 # ---------------------------------------------------------------------------
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {value}")
-    return value
-
-
-def _probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], received '{text}'") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], received {value}")
-    return value
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -1205,7 +1185,7 @@ def build_parser():
     parser.add_argument("--save_dir", default="Results/segmentation", help="folder for the outputs")
     parser.add_argument(
         "--stride",
-        type=_positive_int,
+        type=data.positive_int,
         default=DEFAULT_STRIDE,
         help="pixels between evaluated patch centres of the coarse grid; 1 = exact per-pixel sliding window, "
         "larger = bilinear interpolation of the logits in between (refined near the boundary with --refine)",
@@ -1219,13 +1199,13 @@ def build_parser():
     )
     parser.add_argument(
         "--refine_stride",
-        type=_positive_int,
+        type=data.positive_int,
         default=DEFAULT_REFINE_STRIDE,
         help="finest stride of the refinement near the boundary; 1 = every boundary pixel evaluated",
     )
-    parser.add_argument("--batchsize", type=_positive_int, default=256, help="patches per model call")
+    parser.add_argument("--batchsize", type=data.positive_int, default=256, help="patches per model call")
     parser.add_argument(
-        "--threshold", type=_probability, default=0.5, help="a pixel is aurora when P(aurora) > threshold"
+        "--threshold", type=data.fraction, default=0.5, help="a pixel is aurora when P(aurora) > threshold"
     )
     parser.add_argument(
         "--masks",

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+import data
+
 PRIOR_DEFAULT = 0.4
 MIN_STEPS_PER_EPOCH = 50
 
@@ -148,7 +150,6 @@ def split_holdout(patches, n_holdout, rng):
 
 def load_patches(folder, total, patch_size, rng, quiet):
     """About ``total`` random patches from the images of ``folder``."""
-    import data
 
     n_images = len(data.list_images(folder))
     per_image = max(1, math.ceil(total / n_images))
@@ -170,16 +171,6 @@ def prior_value(text):
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), received {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected 0 < prior < 1, received {text}")
-    return value
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {value}")
     return value
 
 
@@ -211,23 +202,23 @@ def build_parser():
     parser.add_argument("--gamma", type=float, default=1.0, help="nnPU: step size of the correction, in [0, 1]")
     parser.add_argument("--eta", type=float, default=None, help="PNU mix in [-1, 1] (with --N_dataset)")
     parser.add_argument("--model", choices=sorted(MODELS), default="ResNet18", help="network")
-    parser.add_argument("--patch_size", type=positive_int, default=16,
+    parser.add_argument("--patch_size", type=data.positive_int, default=16,
                         help="patch side in pixels (16 gives sharper masks than 32: see README, Quality)")
-    parser.add_argument("--U_n", type=positive_int, default=4000, help="number of U patches drawn")
-    parser.add_argument("--P_n", type=positive_int, default=2000, help="number of P patches drawn")
-    parser.add_argument("--N_n", type=positive_int, default=2000, help="number of N patches drawn (PNU)")
+    parser.add_argument("--U_n", type=data.positive_int, default=4000, help="number of U patches drawn")
+    parser.add_argument("--P_n", type=data.positive_int, default=2000, help="number of P patches drawn")
+    parser.add_argument("--N_n", type=data.positive_int, default=2000, help="number of N patches drawn (PNU)")
     parser.add_argument("--P_n_sacrifice", type=int, default=None,
                         help="P patches held out of training for validation (default: 10%% of P)")
     parser.add_argument("--val_fraction", type=float, default=0.1,
                         help="fraction of U patches held out for validation")
-    parser.add_argument("--epochs", type=positive_int, default=8,
+    parser.add_argument("--epochs", type=data.positive_int, default=8,
                         help=f"passes over the U patches (at least {MIN_STEPS_PER_EPOCH} batches each)")
     parser.add_argument("--early_stopping", action=argparse.BooleanOptionalAction, default=False,
                         help="stop when the held-out PU zero-one risk has not improved for --patience epochs, "
                              "and keep the weights of its best epoch")
-    parser.add_argument("--patience", type=positive_int, default=3,
+    parser.add_argument("--patience", type=data.positive_int, default=3,
                         help="epochs without improvement before --early_stopping stops")
-    parser.add_argument("--batchsize", type=positive_int, default=64, help="patches per batch, half P and half U")
+    parser.add_argument("--batchsize", type=data.positive_int, default=64, help="patches per batch, half P and half U")
     parser.add_argument("--lr", type=float, default=3e-4,
                         help="Adam learning rate (1e-3 can saturate the sigmoid loss before features form)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -520,7 +511,6 @@ def estimate_prior(P, U, patch_size=None, seed=0, quiet=True, folds=2, epochs=3,
     """
     import keras
 
-    import data
 
     P = np.asarray(P, dtype=np.float32)
     U = np.asarray(U, dtype=np.float32)
@@ -611,7 +601,6 @@ def train(args):
     import keras
     import tensorflow as tf
 
-    import data
     from PULoss import pu_loss, pu_risk, pu_zero_one_risk
 
     rng = np.random.default_rng(args.seed)
@@ -782,7 +771,6 @@ def plot_predictions(p_logits, u_logits, path):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    import data
 
     try:
         with warnings.catch_warnings():
