@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import train
+from conftest import write_png
 
 
 def dark(rng, n, size=16):
@@ -101,10 +101,6 @@ def test_estimate_prior_rejects_bad_input():
 
 
 # ------------------------------------------------------------ through train.py
-
-def write_png(path, frame):
-    Image.fromarray((np.clip(frame, 0, 1) * 255).astype(np.uint8)).save(path)
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):

@@ -8,10 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import train
-from conftest import ROOT
+from conftest import ROOT, write_png
 
 
 def dark_sky(rng, size):
@@ -25,10 +24,6 @@ def with_aurora(rng, size):
     frame = dark_sky(rng, size)
     frame[:, : size // 2, 1] = 0.7 + 0.05 * rng.standard_normal((size, size // 2))
     return frame
-
-
-def write_png(path, frame):
-    Image.fromarray((np.clip(frame, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
 @pytest.fixture(scope="module")
