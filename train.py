@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import segmentation
 
 PRIOR_DEFAULT = 0.4
 MIN_STEPS_PER_EPOCH = 50
@@ -132,15 +133,6 @@ def recalibrate_batch_norm(model, patches):
     for layer, momentum in zip(norms, momenta):
         layer.momentum = momentum
 
-
-def predict_logits(model, patches, batch_size=512):
-    """Logits of ``patches`` (n, p, p, 3) float32 in inference mode, shape (n,)."""
-    if len(patches) == 0:
-        return np.zeros(0, "float32")
-    return model.predict(patches, batch_size=batch_size, verbose=0).reshape(-1)
-
-
-# ------------------------------------------------------------ data
 
 def split_holdout(patches, n_holdout, rng):
     """Shuffle and split (n, ...) into (n - n_holdout, ...) and (n_holdout, ...)."""
@@ -552,7 +544,7 @@ def estimate_prior(P, U, patch_size=None, seed=0, quiet=True, folds=2, epochs=3,
         recalibrate_batch_norm(model, np.concatenate([P_fit[rng.choice(len(P_fit), n_cal, replace=False)],
                                                       U_fit[rng.choice(len(U_fit), n_cal, replace=False)]]))
         held_p, held_u = p_fold == fold, u_fold == fold
-        logits = predict_logits(model, np.concatenate([P[held_p], U[held_u]]))
+        logits = segmentation.predict_logits(model, np.concatenate([P[held_p], U[held_u]]))
         # Ranks within the fold, in (0, 1]: one scale for every fold's model.
         order = np.argsort(np.argsort(logits, kind="stable"), kind="stable")
         ranks = (order + 1) / len(logits)
@@ -671,7 +663,7 @@ def train(args):
             recalibrate_batch_norm(self.model, calibration)
             if logs is None or len(x_val) == 0:
                 return
-            logits = predict_logits(self.model, x_val)
+            logits = segmentation.predict_logits(self.model, x_val)
             logs["val_pu_zero_one_risk"] = float(pu_zero_one_risk(y_val, logits, args.prior))
             logs["val_nnpu_risk"] = float(pu_loss(y_val, logits, args.prior, args.loss, beta=args.beta))
             logs["val_negative_risk"] = float(pu_risk(y_val, logits, args.prior, args.loss)["negative_risk"])
@@ -705,8 +697,8 @@ def train(args):
     inference_model.set_weights(model.get_weights())
     inference_model.save(save_dir / "model.keras")
 
-    u_val_logits = predict_logits(model, U_val)
-    p_val_logits = predict_logits(model, P_val)
+    u_val_logits = segmentation.predict_logits(model, U_val)
+    p_val_logits = segmentation.predict_logits(model, P_val)
     config = {
         **{k: v for k, v in vars(args).items()},
         "P_patches": [len(P_train), len(P_val)],
