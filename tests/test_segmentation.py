@@ -233,7 +233,7 @@ def test_points_outside_the_sky_are_skipped_without_changing_the_sky():
 
 
 # ---------------------------------------------------------------------------
-# Coarse-to-fine refinement (the default mode)
+# Adaptive grid: coarse to fine (the default mode)
 # ---------------------------------------------------------------------------
 
 
@@ -283,8 +283,8 @@ def test_refined_mask_equals_stride_one_mask_with_fewer_patches(stride, threshol
     model = mean_model()
     boundary = segmentation.threshold_logit(threshold)
     exact, exact_patches = logit_map(model, image, stride=1)
-    refined, patches = logit_map(model, image, stride=stride, refine=True, threshold=threshold, margin=1.0,
-                                 refine_stride=1)
+    refined, patches = logit_map(model, image, stride=stride, adaptive=True, threshold=threshold, margin=1.0,
+                                 fine_stride=1)
     exact_mask, refined_mask = exact < boundary, refined < boundary
     assert 0.1 < exact_mask.mean() < 0.9  # the boundary really crosses the frame
     plain, _ = logit_map(model, image, stride=stride)
@@ -302,7 +302,7 @@ def test_refinement_refines_only_near_the_boundary():
     image = edge_frame()
     model = mean_model()
     coarse, coarse_patches = logit_map(model, image, stride=8)
-    refined, patches = logit_map(model, image, stride=8, refine=True, margin=0.0)
+    refined, patches = logit_map(model, image, stride=8, adaptive=True, margin=0.0)
     assert coarse_patches < patches < image.shape[0] * image.shape[1] / 3
     # The coarse nodes are evaluated in both, and cells without the boundary
     # keep the coarse interpolation.
@@ -315,22 +315,22 @@ def test_refinement_skips_points_outside_the_sky_and_handles_thin_frames():
     sky = sky_mask(frame)
     model = centre_model()
     exact, _ = logit_map(model, frame, stride=1, sky=sky)
-    refined, patches = logit_map(model, frame, stride=8, sky=sky, refine=True, refine_stride=1)
-    everywhere, all_patches = logit_map(model, frame, stride=8, refine=True, refine_stride=1)
+    refined, patches = logit_map(model, frame, stride=8, sky=sky, adaptive=True, fine_stride=1)
+    everywhere, all_patches = logit_map(model, frame, stride=8, adaptive=True, fine_stride=1)
     assert patches < all_patches
     np.testing.assert_array_equal((refined < 0)[sky], (exact < 0)[sky])
     for shape in [(1, 9), (7, 1), (1, 1)]:
         image = np.random.default_rng(9).random((*shape, 3)).astype(np.float32)
-        logits, _ = logit_map(model, image, stride=4, refine=True)
+        logits, _ = logit_map(model, image, stride=4, adaptive=True)
         assert logits.shape == shape
 
 
-def test_refinement_stops_at_the_refine_stride():
+def test_refinement_stops_at_the_fine_stride():
     image = edge_frame()
     model = mean_model()
     exact, _ = logit_map(model, image, stride=1)
-    to_one, one_patches = logit_map(model, image, stride=16, refine=True, refine_stride=1)
-    to_two, two_patches = logit_map(model, image, stride=16, refine=True, refine_stride=2)
+    to_one, one_patches = logit_map(model, image, stride=16, adaptive=True, fine_stride=1)
+    to_two, two_patches = logit_map(model, image, stride=16, adaptive=True, fine_stride=2)
     assert two_patches < one_patches
     # The stride-2 nodes are the same in both; the pixels between them differ.
     np.testing.assert_array_equal(to_two[::2, ::2], to_one[::2, ::2])
@@ -338,11 +338,92 @@ def test_refinement_stops_at_the_refine_stride():
     assert mask_metrics(to_two < 0, exact < 0)["iou"] > 0.98
 
 
-def test_refinement_margin_and_refine_stride_must_be_valid():
+def test_refinement_margin_and_fine_stride_must_be_valid():
     with pytest.raises(ValueError, match="Invalid margin: expected margin >= 0, received -1.0"):
-        logit_map(mean_model(), edge_frame(8, 8), stride=4, refine=True, margin=-1.0)
-    with pytest.raises(ValueError, match="Invalid refine_stride: expected an int >= 1, received 0"):
-        logit_map(mean_model(), edge_frame(8, 8), stride=4, refine=True, refine_stride=0)
+        logit_map(mean_model(), edge_frame(8, 8), stride=4, adaptive=True, margin=-1.0)
+    with pytest.raises(ValueError, match="Invalid fine_stride: expected an int >= 1, received 0"):
+        logit_map(mean_model(), edge_frame(8, 8), stride=4, adaptive=True, fine_stride=0)
+
+
+# ---------------------------------------------------------------------------
+# Mask refinement
+# ---------------------------------------------------------------------------
+
+
+def disc_frame(size=96, radius=20, centre=None, seed=0):
+    """A dark noisy sky (0.03) with a green disc (0.45) whose edge is blurred over a pixel; and the disc."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size]
+    centre_row, centre_col = centre or (size / 2, size / 2)
+    distance = np.hypot(rows - centre_row, cols - centre_col)
+    disc = distance <= radius
+    glow = 0.42 / (1 + np.exp(3 * (distance - radius)))  # 0.21 on the edge, 0.02 a pixel out
+    frame = 0.03 + glow[..., None] * np.array([0.5, 1.0, 0.4]) + 0.004 * rng.standard_normal((size, size, 3))
+    return np.clip(frame, 0, 1).astype(np.float32), disc
+
+
+def disk_mask(mask, radius, grow):
+    """``mask`` dilated (grow=True) or eroded by a disc of ``radius`` pixels."""
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    operation = ndimage.binary_dilation if grow else ndimage.binary_erosion
+    return operation(mask, disk(radius))
+
+
+def iou_of(predicted, truth):
+    return mask_metrics(predicted, truth)["iou"]
+
+
+def test_refine_mask_moves_a_loose_boundary_onto_the_edge():
+    frame, disc = disc_frame()
+    sky = np.ones(disc.shape, bool)
+    # A 16-pixel patch classifier's mask overshoots by up to about 5 pixels
+    # (the erosion that makes aurora seeds) or falls short by a few.
+    loose_masks = [disk_mask(disc, 2, grow=True), disk_mask(disc, 4, grow=True), disk_mask(disc, 3, grow=False),
+                   disk_mask(disc, 5, grow=False)]
+    refined = [segmentation.refine_mask(frame, loose, sky, patch_size=16) for loose in loose_masks]
+    assert refined[0].dtype == bool and refined[0].shape == disc.shape
+    assert max(iou_of(loose, disc) for loose in loose_masks) < 0.85
+    for mask in refined[1:]:
+        np.testing.assert_array_equal(mask, refined[0])
+    # Within a pixel of the true edge (pixels half a pixel out are still
+    # clearly brighter than the sky), everywhere along it.
+    assert not (refined[0] & ~disk_mask(disc, 1, grow=True)).any()
+    assert refined[0][disk_mask(disc, 1, grow=False)].all()
+    assert iou_of(refined[0], disc) > 0.93
+
+
+def test_refine_mask_keeps_thin_parts_and_adds_nothing_far_away():
+    frame, disc = disc_frame()
+    line = np.zeros(disc.shape, bool)
+    line[10:13, 5:90] = True  # 3 pixels wide: no seed survives the erosion
+    sky = np.ones(disc.shape, bool)
+    np.testing.assert_array_equal(segmentation.refine_mask(frame, line, sky, patch_size=16), line)
+    # With a seeded part too, the thin line is still kept, and tiles that see
+    # only background seeds stay background (random_walker alone would
+    # renumber a lone background label as label 1, i.e. aurora).
+    both = disk_mask(disc, 4, grow=True) | line
+    refined = segmentation.refine_mask(frame, both, sky, patch_size=16, tile=16)
+    assert refined[line].all()
+    assert iou_of(refined, disc | line) > 0.95
+    empty = np.zeros(disc.shape, bool)
+    np.testing.assert_array_equal(segmentation.refine_mask(frame, empty, sky, patch_size=16), empty)
+
+
+def test_refine_mask_tiles_sky_and_gain_do_not_change_the_answer():
+    frame, disc = disc_frame(size=120, radius=30, centre=(50, 64))
+    sky = np.zeros(disc.shape, bool)
+    sky[:, :100] = True  # the disc reaches past the sky's edge
+    loose = disk_mask(disc, 3, grow=True)
+    whole = segmentation.refine_mask(frame, loose, sky, patch_size=16, tile=512)
+    assert not whole[~sky].any()
+    assert iou_of(whole, disc & sky) > 0.93
+    np.testing.assert_array_equal(segmentation.refine_mask(frame, loose, sky, patch_size=16, tile=40), whole)
+    # A camera with a quarter of the gain (a 14-bit sensor read as 16-bit):
+    # the log-brightness steps are the same, so is the mask.
+    dim = segmentation.refine_mask(frame / 4, loose, sky, patch_size=16)
+    assert np.count_nonzero(dim != whole) <= 2
 
 
 # ---------------------------------------------------------------------------
@@ -460,6 +541,34 @@ def test_cli_outputs_summary_and_iou(tmp_path, model_file, capsys):
     assert float(rows[0]["iou"]) == pytest.approx(0.75)
     assert float(rows[0]["precision"]) == pytest.approx(1.0)
     assert float(rows[0]["recall"]) == pytest.approx(0.75)
+
+
+def test_cli_refine_snaps_a_loose_mask_and_no_refine_keeps_the_threshold(tmp_path, capsys):
+    # A model that calls a 15-pixel patch aurora when its mean brightness is
+    # above 0.1, i.e. when about a quarter of it covers the disc: its mask
+    # runs a few pixels past the disc, as a PU patch classifier's does.
+    patch = 15
+    model_path = tmp_path / "loose.keras"
+    patch_conv_model(patch, np.full((patch, patch, 3), -GAIN / (3 * patch**2), np.float32), 0.1 * GAIN).save(model_path)
+    frame, disc = disc_frame()
+    frames, masks = tmp_path / "frames", tmp_path / "masks"
+    frames.mkdir()
+    masks.mkdir()
+    write_png(frames / "disc.png", frame)
+    Image.fromarray(disc.astype(np.uint8) * 255).save(masks / "disc.png")
+    scores = {}
+    for flag in ("--refine", "--no-refine"):
+        out = tmp_path / flag
+        code, captured = run(capsys, "--dataset", frames, "--model", model_path, "--save_dir", out, "--masks", masks,
+                             "--save_probability", flag)
+        assert code == 0, captured.err
+        scores[flag] = float(read_summary(out)[0]["iou"])
+        mask = np.asarray(Image.open(out / "mask" / "disc.png")) > 0
+        assert mask_metrics(mask, disc)["iou"] == pytest.approx(scores[flag])
+        if flag == "--no-refine":
+            np.testing.assert_array_equal(mask, np.load(out / "probability" / "disc.npy") > 0.5)
+    assert scores["--no-refine"] < 0.85
+    assert scores["--refine"] > 0.93
 
 
 def test_cli_fisheye_frame_counts_only_the_sky(tmp_path, model_file, capsys):
@@ -603,6 +712,6 @@ def test_cli_help_returns_0_and_shows_defaults(capsys):
     assert code == 0
     help_text = capsys.readouterr().out
     for flag in ("--dataset", "--model", "--save_dir", "--stride", "--batchsize", "--threshold", "--masks",
-                 "--save_probability", "--overwrite", "--quiet", "--refine", "--refine_stride"):
+                 "--save_probability", "--overwrite", "--quiet", "--adaptive", "--fine_stride", "--refine"):
         assert flag in help_text
-    assert re.search(r"\(default:\s+16\)", help_text) and "--no-refine" in help_text
+    assert re.search(r"\(default:\s+16\)", help_text) and "--no-adaptive" in help_text and "--no-refine" in help_text
