@@ -11,7 +11,8 @@ Two evaluations, each run through the command-line tools as a user runs them:
    A model is trained with the README's command on the shipped
    ``dataset/Positive`` and ``dataset/Unlabelled`` (or ``--model`` reuses
    one), then ``segmentation.py`` segments the frames with its defaults and
-   ``--masks``. Reported: mean IoU, the worst frame, and how many frames
+   ``--masks``, and again with ``--no-refine`` to show what the mask
+   refinement adds. Reported: mean IoU, the worst frame, and how many frames
    score below 0.6 and how many of those have almost no aurora (< 1% of the
    frame), where a handful of wrong pixels makes the IoU meaningless.
 2. Real patches (``../shared/real_patches``, read in place when present,
@@ -88,23 +89,28 @@ def synthetic_evaluation(work, model, n_frames, epochs):
         seconds, _ = run(command)
         config = json.loads((model.parent / "config.json").read_text())
         rows.append(("train on dataset/ (README command)", f"prior used {config['prior']:.3f}", seconds))
-    seconds, _ = run(["segmentation.py", "--dataset", str(work / "heldout" / "frames"), "--model", str(model),
-                      "--save_dir", str(work / "segmentation"), "--masks", str(work / "heldout" / "masks"),
-                      "--quiet"])
-    with open(work / "segmentation" / "summary.csv", newline="") as f:
-        frames = [r for r in csv.DictReader(f) if r["file"] != "mean"]
-    iou = np.array([float(r["iou"]) for r in frames])
-    truth_fraction = np.array([
-        np.mean(np.asarray(Image.open(work / "heldout" / "masks" / r["file"])) > 0) for r in frames])
-    low = iou < 0.6
-    rows.append((f"held-out synthetic frames ({len(frames)}, 256 and 480 px)",
-                 f"mean IoU {iou.mean():.3f}, worst {iou.min():.3f}, "
-                 f"{low.sum()} below 0.6 ({np.sum(low & (truth_fraction < 0.01))} with < 1% aurora)",
-                 seconds))
-    for r, s in zip(frames, settings):
-        print(f"  {r['file']}  size {s['size']}  brightness {s['brightness']:.2f}  arc_width {s['arc_width']:.2f}"
-              f"  clouds {s['cloud_cover']:.2f}  IoU {float(r['iou']):.3f}  precision {float(r['precision']):.3f}"
-              f"  recall {float(r['recall']):.3f}")
+    # The defaults (refined masks), then --no-refine: the gain of the refinement.
+    for flag, label in (([], ""), (["--no-refine"], ", --no-refine")):
+        out = work / f"segmentation{flag[0] if flag else ''}"
+        seconds, _ = run(["segmentation.py", "--dataset", str(work / "heldout" / "frames"), "--model", str(model),
+                          "--save_dir", str(out), "--masks", str(work / "heldout" / "masks"), "--quiet", *flag])
+        with open(out / "summary.csv", newline="") as f:
+            frames = [r for r in csv.DictReader(f) if r["file"] != "mean"]
+        iou = np.array([float(r["iou"]) for r in frames])
+        precision = np.mean([float(r["precision"]) for r in frames])
+        recall = np.mean([float(r["recall"]) for r in frames])
+        truth_fraction = np.array([
+            np.mean(np.asarray(Image.open(work / "heldout" / "masks" / r["file"])) > 0) for r in frames])
+        low = iou < 0.6
+        rows.append((f"held-out synthetic frames ({len(frames)}, 256 and 480 px){label}",
+                     f"mean IoU {iou.mean():.3f} (precision {precision:.3f}, recall {recall:.3f}), "
+                     f"worst {iou.min():.3f}, {low.sum()} below 0.6 ({np.sum(low & (truth_fraction < 0.01))} "
+                     f"with < 1% aurora)", seconds))
+        print(f"segmentation.py defaults{label}:")
+        for r, s in zip(frames, settings):
+            print(f"  {r['file']}  size {s['size']}  brightness {s['brightness']:.2f}  "
+                  f"arc_width {s['arc_width']:.2f}  clouds {s['cloud_cover']:.2f}  IoU {float(r['iou']):.3f}  "
+                  f"precision {float(r['precision']):.3f}  recall {float(r['recall']):.3f}")
     return rows
 
 
