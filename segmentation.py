@@ -906,14 +906,20 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
     """
     from scipy import ndimage
     from skimage.filters import gaussian
-    from skimage.morphology import disk
     from skimage.segmentation import random_walker
 
     aurora_seed, background_seed = 1, 2
     mask = mask & sky
-    # border_value=1: aurora reaching the frame's edge keeps its seeds there.
-    inner = ndimage.binary_erosion(mask, disk(max(1, patch_size // 3)), border_value=1)
-    outer = ~ndimage.binary_dilation(mask, disk(max(1, patch_size // 2))) | ~sky
+    if not mask.any():
+        return mask
+    # Erosion and dilation by a disc, through exact Euclidean distances (a
+    # few times faster than binary_erosion with a disc): a pixel is an
+    # aurora seed when the nearest non-mask pixel is farther than a third of
+    # a patch (pixels beyond the frame's edge count as mask, so aurora
+    # reaching the edge keeps its seeds there), a background seed when the
+    # nearest mask pixel is farther than half a patch.
+    inner = ndimage.distance_transform_edt(mask) > max(1, patch_size // 3)
+    outer = (ndimage.distance_transform_edt(~mask) > max(1, patch_size // 2)) | ~sky
     components, count = ndimage.label(mask)
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[components[inner]] = True
@@ -941,7 +947,7 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
                 continue
             r0, c0 = max(top - margin, 0), max(left - margin, 0)
             crop = (slice(r0, min(top + tile + margin, rows)), slice(c0, min(left + tile + margin, cols)))
-            seeds = labels[crop]
+            seeds = labels[crop].copy()
             if not (seeds == aurora_seed).any() or not (seeds == background_seed).any():
                 # One kind of seed: the band is that kind. (random_walker
                 # would renumber a lone label 2 as 1, i.e. call it aurora.)
@@ -957,12 +963,16 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
             # exp(-REFINE_EDGE_WEIGHT * mean squared step) whatever the tile.
             channels = log_brightness.shape[-1]
             beta = REFINE_EDGE_WEIGHT * 10.0 * spread / np.sqrt(channels)
+            # Seeds with no unknown neighbour play no part in the solution;
+            # leaving them out (label -1) keeps the linear system to the band.
+            band = unknown[crop]
+            seeds[~ndimage.binary_dilation(band, np.ones((3, 3), bool))] = -1
             # A direct sparse solve ("bf"): exact, and as fast as conjugate
             # gradients on a tile's band, which at tol 1e-3 left
             # probabilities outside [0, 1] and a warning per frame.
             walked = random_walker(log_brightness, seeds, beta=beta, mode="bf", channel_axis=-1)
             inside = (slice(top - r0, top - r0 + tile), slice(left - c0, left - c0 + tile))
-            refined[core] = walked[inside] == aurora_seed
+            refined[core] = np.where(band[inside], walked[inside] == aurora_seed, labels[core] == aurora_seed)
     refined |= thin
     refined &= sky
     return refined
