@@ -16,7 +16,7 @@ exactly. ``--stride 1`` is the exact per-pixel sliding window.
 The default mode is coarse to fine (``--stride 16 --adaptive --fine_stride
 2``): a grid of stride 16, then, round by round, the stride is halved inside
 the grid cells whose four corner logits are not all on the same side of the
-threshold (or one of them is within ``REFINE_MARGIN`` of it), down to stride
+threshold (or one of them is within ``ADAPTIVE_MARGIN`` of it), down to stride
 2, and only the new patches inside those cells are evaluated. Away from the
 boundary of the mask the coarse interpolation stays. On the generator's
 480x480 aurora frames this evaluates under 2 % of the patches of
@@ -106,7 +106,7 @@ DEFAULT_FINE_STRIDE = 2
 
 # Grid cells with a corner logit closer than this to the threshold's logit are
 # refined even when all four corners are on the same side (logit units).
-REFINE_MARGIN = 1.0
+ADAPTIVE_MARGIN = 1.0
 
 # Mask refinement (``--refine``, ``refine_mask``). The values were chosen on
 # 24 generator frames from seeds 700_000 up, which neither the shipped
@@ -714,7 +714,7 @@ def logit_map(model, image, stride=4, batch_size=256, sky=None, adaptive=False, 
     margin : float, optional
         Only used by ``adaptive``: cells with a corner less than ``margin``
         (logit units) from the threshold's logit are refined even when all
-        corners are on one side. Default ``REFINE_MARGIN``.
+        corners are on one side. Default ``ADAPTIVE_MARGIN``.
     fine_stride : int
         Only used by ``adaptive``: the finest stride; 1 evaluates every pixel
         near the boundary.
@@ -729,7 +729,7 @@ def logit_map(model, image, stride=4, batch_size=256, sky=None, adaptive=False, 
     """
     if stride < 1:
         raise ValueError(f"Invalid stride: expected an int >= 1, received {stride}")
-    margin = REFINE_MARGIN if margin is None else float(margin)
+    margin = ADAPTIVE_MARGIN if margin is None else float(margin)
     if margin < 0:
         raise ValueError(f"Invalid margin: expected margin >= 0, received {margin}")
     if fine_stride < 1:
@@ -886,9 +886,10 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
     sky : ndarray of shape (rows, cols), bool
         From ``sky_mask``; pixels outside it are background.
     patch_size : int
-        The model's patch side in pixels; sets how far the boundary may move.
+        The model's patch side in pixels (>= 1); sets how far the boundary
+        may move.
     tile : int
-        Side of the tiles the random walker solves, in pixels.
+        Side of the tiles the random walker solves, in pixels (>= 1).
 
     Returns
     -------
@@ -897,46 +898,54 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
 
     Notes
     -----
-    A connected part of the mask too thin to keep a seed after the erosion
-    (an arc a few pixels wide) is kept as the model drew it rather than
-    lost. Tiles are solved with a margin of ``2 * patch_size`` pixels of
-    context, wider than the band, and only tiles that hold part of the band
-    are solved; memory is a few float64 copies of a tile plus a few bool
-    copies of the frame.
+    Where the refinement has nothing to decide between, the model's mask
+    stays: a connected part of the mask too thin to keep a seed after the
+    erosion (an arc a few pixels wide), and band pixels whose tile (with its
+    margin) holds only one kind of seed or that no seed reaches (the far
+    end of a thin arm whose body lies in another tile). Tiles are solved
+    with a margin of ``2 * patch_size`` pixels of context, wider than the
+    band, and only tiles that hold part of the band are solved. Memory: a
+    few float64 copies of a tile, and a few bool and one int32 array the
+    size of the frame (16 and 64 MB at 4096x4096).
     """
     from scipy import ndimage
     from skimage.filters import gaussian
+    from skimage.morphology import disk
     from skimage.segmentation import random_walker
 
+    if mask.shape != image.shape[:2] or sky.shape != image.shape[:2]:
+        raise ValueError(f"Invalid mask or sky: expected shape {image.shape[:2]}, received {mask.shape} and "
+                         f"{sky.shape}")
+    if patch_size < 1:
+        raise ValueError(f"Invalid patch_size: expected an int >= 1, received {patch_size}")
+    if tile < 1:
+        raise ValueError(f"Invalid tile: expected an int >= 1, received {tile}")
     aurora_seed, background_seed = 1, 2
     mask = mask & sky
-    if not mask.any():
-        return mask
-    # Erosion and dilation by a disc, through exact Euclidean distances (a
-    # few times faster than binary_erosion with a disc): a pixel is an
-    # aurora seed when the nearest non-mask pixel is farther than a third of
-    # a patch (pixels beyond the frame's edge count as mask, so aurora
-    # reaching the edge keeps its seeds there), a background seed when the
-    # nearest mask pixel is farther than half a patch.
-    inner = ndimage.distance_transform_edt(mask) > max(1, patch_size // 3)
-    outer = (ndimage.distance_transform_edt(~mask) > max(1, patch_size // 2)) | ~sky
+    # Bool morphology, not distance transforms: these keep a 4096x4096
+    # frame's extra memory to bool arrays (float64 distances were 130 MB each).
+    # border_value=1: aurora reaching the frame's edge keeps its seeds there.
+    inner = ndimage.binary_erosion(mask, disk(max(1, patch_size // 3)), border_value=1)
+    outer = ~ndimage.binary_dilation(mask, disk(max(1, patch_size // 2))) | ~sky
     components, count = ndimage.label(mask)
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[components[inner]] = True
     thin = mask & ~seeded[components]
     del components
-    labels = np.zeros(mask.shape, dtype=np.int32)
+    labels = np.zeros(mask.shape, dtype=np.int8)
     labels[inner] = aurora_seed
     labels[outer] = background_seed
     unknown = labels == 0
     del inner, outer
     refined = mask.copy()
-    if not unknown.any():
+    if not mask.any() or not unknown.any():
         return refined
     step = max(1, int(np.sqrt(sky.size / 250_000)))  # a sample of about 250,000 pixels suffices
     sample = image[::step, ::step][sky[::step, ::step]]
     offset = REFINE_DARK_FRACTION * float(np.median(sample.mean(axis=1))) if sample.size else 0.0
-    offset = max(offset, 1.0 / 65535)  # a black sky: the smallest 16-bit step
+    # Half an 8-bit step at least: on a black sky, one-count steps of an
+    # 8-bit frame would otherwise be huge steps of log brightness.
+    offset = max(offset, 0.5 / 255)
 
     rows, cols = mask.shape
     margin = 2 * patch_size
@@ -945,14 +954,11 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
             core = (slice(top, min(top + tile, rows)), slice(left, min(left + tile, cols)))
             if not unknown[core].any():
                 continue
-            r0, c0 = max(top - margin, 0), max(left - margin, 0)
-            crop = (slice(r0, min(top + tile + margin, rows)), slice(c0, min(left + tile + margin, cols)))
-            seeds = labels[crop].copy()
+            crop_top, crop_left = max(top - margin, 0), max(left - margin, 0)
+            crop = (slice(crop_top, min(top + tile + margin, rows)), slice(crop_left, min(left + tile + margin, cols)))
+            seeds = labels[crop].astype(np.int32)
             if not (seeds == aurora_seed).any() or not (seeds == background_seed).any():
-                # One kind of seed: the band is that kind. (random_walker
-                # would renumber a lone label 2 as 1, i.e. call it aurora.)
-                refined[core] = np.where(unknown[core], (seeds == aurora_seed).any(), refined[core])
-                continue
+                continue  # one kind of seed: nothing to decide between
             smoothed = gaussian(image[crop], sigma=REFINE_SMOOTHING, channel_axis=-1, preserve_range=True)
             log_brightness = np.log(smoothed + offset)
             spread = float(log_brightness.std())
@@ -971,8 +977,10 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
             # gradients on a tile's band, which at tol 1e-3 left
             # probabilities outside [0, 1] and a warning per frame.
             walked = random_walker(log_brightness, seeds, beta=beta, mode="bf", channel_axis=-1)
-            inside = (slice(top - r0, top - r0 + tile), slice(left - c0, left - c0 + tile))
-            refined[core] = np.where(band[inside], walked[inside] == aurora_seed, labels[core] == aurora_seed)
+            inside = (slice(top - crop_top, top - crop_top + tile), slice(left - crop_left, left - crop_left + tile))
+            # Band pixels no seed reaches come back as -1 and keep the mask.
+            decided = band[inside] & (walked[inside] > 0)
+            refined[core][decided] = walked[inside][decided] == aurora_seed
     refined |= thin
     refined &= sky
     return refined
@@ -1355,7 +1363,7 @@ def build_parser():
         "--fine_stride",
         type=data.positive_int,
         default=DEFAULT_FINE_STRIDE,
-        help="finest stride of the refinement near the boundary; 1 = every boundary pixel evaluated",
+        help="finest stride of the adaptive grid near the boundary; 1 = every boundary pixel evaluated",
     )
     parser.add_argument(
         "--refine",

@@ -274,7 +274,7 @@ def test_next_stride_divides_so_that_grids_nest():
 
 
 @pytest.mark.parametrize("stride, threshold", [(8, 0.5), (16, 0.5), (12, 0.3)])
-def test_refined_mask_equals_stride_one_mask_with_fewer_patches(stride, threshold):
+def test_adaptive_grid_mask_equals_stride_one_mask_with_fewer_patches(stride, threshold):
     # The edge is a smooth curve that crosses each column once and bends
     # slowly, so every cell it crosses has corners on both sides of it (or
     # close to it, within the margin) and is refined down to stride 1:
@@ -298,7 +298,7 @@ def test_refined_mask_equals_stride_one_mask_with_fewer_patches(stride, threshol
     np.testing.assert_allclose(refined[boundary_pixels], exact[boundary_pixels], rtol=1e-5, atol=1e-5)
 
 
-def test_refinement_refines_only_near_the_boundary():
+def test_adaptive_grid_refines_only_near_the_boundary():
     image = edge_frame()
     model = mean_model()
     coarse, coarse_patches = logit_map(model, image, stride=8)
@@ -310,7 +310,7 @@ def test_refinement_refines_only_near_the_boundary():
     assert np.count_nonzero(refined == coarse) > 0.5 * refined.size
 
 
-def test_refinement_skips_points_outside_the_sky_and_handles_thin_frames():
+def test_adaptive_grid_skips_points_outside_the_sky_and_handles_thin_frames():
     frame, _ = fisheye_frame(40, 16)
     sky = sky_mask(frame)
     model = centre_model()
@@ -325,7 +325,7 @@ def test_refinement_skips_points_outside_the_sky_and_handles_thin_frames():
         assert logits.shape == shape
 
 
-def test_refinement_stops_at_the_fine_stride():
+def test_adaptive_grid_stops_at_the_fine_stride():
     image = edge_frame()
     model = mean_model()
     exact, _ = logit_map(model, image, stride=1)
@@ -338,7 +338,7 @@ def test_refinement_stops_at_the_fine_stride():
     assert mask_metrics(to_two < 0, exact < 0)["iou"] > 0.98
 
 
-def test_refinement_margin_and_fine_stride_must_be_valid():
+def test_adaptive_grid_margin_and_fine_stride_must_be_valid():
     with pytest.raises(ValueError, match="Invalid margin: expected margin >= 0, received -1.0"):
         logit_map(mean_model(), edge_frame(8, 8), stride=4, adaptive=True, margin=-1.0)
     with pytest.raises(ValueError, match="Invalid fine_stride: expected an int >= 1, received 0"):
@@ -395,20 +395,50 @@ def test_refine_mask_moves_a_loose_boundary_onto_the_edge():
 
 
 def test_refine_mask_keeps_thin_parts_and_adds_nothing_far_away():
-    frame, disc = disc_frame()
+    frame, disc = disc_frame(size=160, radius=20, centre=(120, 120))
     line = np.zeros(disc.shape, bool)
     line[10:13, 5:90] = True  # 3 pixels wide: no seed survives the erosion
     sky = np.ones(disc.shape, bool)
     np.testing.assert_array_equal(segmentation.refine_mask(frame, line, sky, patch_size=16), line)
-    # With a seeded part too, the thin line is still kept, and tiles that see
-    # only background seeds stay background (random_walker alone would
-    # renumber a lone background label as label 1, i.e. aurora).
+    # With a seeded part too, the thin line is still kept. In tiles of 16
+    # pixels, those around the line see no aurora seed within their margin
+    # and keep the mask (random_walker alone would renumber a lone
+    # background label 2 as 1, i.e. call the whole tile aurora).
     both = disk_mask(disc, 4, grow=True) | line
-    refined = segmentation.refine_mask(frame, both, sky, patch_size=16, tile=16)
-    assert refined[line].all()
-    assert iou_of(refined, disc | line) > 0.95
+    for tile in (512, 16):
+        refined = segmentation.refine_mask(frame, both, sky, patch_size=16, tile=tile)
+        assert refined[line].all()
+        assert not (refined & ~disk_mask(disc | line, 5, grow=True)).any()
+        assert iou_of(refined, disc | line) > 0.95
     empty = np.zeros(disc.shape, bool)
     np.testing.assert_array_equal(segmentation.refine_mask(frame, empty, sky, patch_size=16), empty)
+
+
+def test_refine_mask_keeps_a_thin_arm_of_a_thick_part_in_any_tiling():
+    frame, disc = disc_frame(size=128, radius=15, centre=(64, 25))
+    arm = np.zeros(disc.shape, bool)
+    arm[62:66, 25:125] = True  # 4 pixels wide, from the disc's centre to near the frame's edge
+    frame[arm] = frame[disc][0]  # as bright as the disc's centre
+    truth = disc | arm
+    sky = np.ones(disc.shape, bool)
+    loose = disk_mask(truth, 3, grow=True)
+    for tile in (512, 32):
+        refined = segmentation.refine_mask(frame, loose, sky, patch_size=16, tile=tile)
+        # The arm is kept to its end, though its far part shares no tile
+        # (with margin) with the disc's seeds when the tiles are small.
+        assert refined[arm].all(), tile
+        assert iou_of(refined, truth) > iou_of(loose, truth)
+
+
+def test_refine_mask_arguments_are_checked():
+    frame, disc = disc_frame(size=40, radius=10)
+    sky = np.ones(disc.shape, bool)
+    with pytest.raises(ValueError, match=r"Invalid mask or sky: expected shape \(40, 40\)"):
+        segmentation.refine_mask(frame, disc[:-1], sky, patch_size=16)
+    with pytest.raises(ValueError, match="Invalid patch_size: expected an int >= 1, received 0"):
+        segmentation.refine_mask(frame, disc, sky, patch_size=0)
+    with pytest.raises(ValueError, match="Invalid tile: expected an int >= 1, received 0"):
+        segmentation.refine_mask(frame, disc, sky, patch_size=16, tile=0)
 
 
 def test_refine_mask_tiles_sky_and_gain_do_not_change_the_answer():
