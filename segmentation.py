@@ -20,10 +20,11 @@ threshold (or one of them is within ``ADAPTIVE_MARGIN`` of it), down to stride
 2, and only the new patches inside those cells are evaluated. Away from the
 boundary of the mask the coarse interpolation stays. On the generator's
 480x480 aurora frames this evaluates under 2 % of the patches of
-``--stride 1``, 119 times faster than the seed's all-patches ``predict``,
-and its masks agree with the exact ones at IoU 0.99 (``--fine_stride 1``
-evaluates every boundary pixel: IoU 0.999 with 1.8 times the patches); see
-"Speed" in the README and ``tests/benchmark_segmentation.py``. The price: a patch of aurora (or of
+``--stride 1``, 56 times faster than the seed's all-patches ``predict`` with
+the default 16-pixel model (119 times with 32-pixel patches), and its masks
+agree with the exact ones at IoU 0.99 (``--fine_stride 1`` evaluates every
+boundary pixel: IoU 0.997 with 1.9 times the patches); see "Speed" in the
+README and ``tests/benchmark_segmentation.py``. The price: a patch of aurora (or of
 background) that fits between the coarse nodes without changing the logit
 at any of them is not seen; use a smaller ``--stride`` for small frames or
 structures a few pixels wide. ``--no-adaptive`` interpolates the plain grid.
