@@ -923,6 +923,8 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
         raise ValueError(f"Invalid tile: expected an int >= 1, received {tile}")
     aurora_seed, background_seed = 1, 2
     mask = mask & sky
+    if not mask.any():
+        return mask  # an aurora-free frame: nothing to move, and no morphology to pay for
     # Bool morphology, not distance transforms: these keep a 4096x4096
     # frame's extra memory to bool arrays (float64 distances were 130 MB each).
     # border_value=1: aurora reaching the frame's edge keeps its seeds there.
@@ -939,7 +941,7 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
     unknown = labels == 0
     del inner, outer
     refined = mask.copy()
-    if not mask.any() or not unknown.any():
+    if not unknown.any():
         return refined
     step = max(1, int(np.sqrt(sky.size / 250_000)))  # a sample of about 250,000 pixels suffices
     sample = image[::step, ::step][sky[::step, ::step]]
