@@ -30,6 +30,8 @@ References
 .. [3] T. Sakai, M. C. du Plessis, G. Niu, M. Sugiyama. "Semi-supervised
    classification based on classification from positive and unlabeled data."
    ICML 2017 (PNU).
+.. [4] G. Su, W. Chen, M. Xu. "Positive-unlabeled learning from imbalanced
+   data." IJCAI 2021 (the class-balanced nnPU risk).
 """
 
 import keras
@@ -108,7 +110,7 @@ def pu_risk(y_true, y_pred, prior, loss="sigmoid"):
     }
 
 
-def non_negative_objective(positive_risk, negative_risk, beta=0.0, gamma=1.0, nnPU=True):
+def non_negative_objective(positive_risk, negative_risk, gamma=1.0, beta=0.0, nnPU=True):
     """Combine the two partial risks as uPU or nnPU ([2], Algorithm 1).
 
     uPU (``nnPU=False``): value and gradient of ``positive_risk +
@@ -119,7 +121,8 @@ def non_negative_objective(positive_risk, negative_risk, beta=0.0, gamma=1.0, nn
     Chainer implementation (kiryor/nnPUlearning), which reports one value and
     back-propagates another. Both branches are computed and one is selected
     with ``ops.where``; the reported value is attached to the back-propagated
-    graph with ``stop_gradient``.
+    graph with ``stop_gradient``. ``gamma`` comes before ``beta`` here as in
+    every function and class of this module.
 
     Returns
     -------
@@ -136,16 +139,33 @@ def non_negative_objective(positive_risk, negative_risk, beta=0.0, gamma=1.0, nn
     return backpropagated + ops.stop_gradient(reported - backpropagated)
 
 
-def pu_loss(y_true, y_pred, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True):
+def class_weights(prior, balanced):
+    """Weights of the positive and negative partial risks: (1, 1), or ([4]) the class-balanced pair.
+
+    Balanced, the risk counts both classes equally whatever the prior:
+    ``0.5 / prior`` on ``prior * Rp+`` and ``0.5 / (1 - prior)`` on the
+    negative risk, which is the imbalanced nnPU risk of [4] with its target
+    prior 0.5. A logit > 0 then means that the patch is more likely under
+    the background's distribution than under the aurora's (a likelihood
+    ratio above 1), not that background is more probable in U.
+    """
+    if not balanced:
+        return 1.0, 1.0
+    return 0.5 / prior, 0.5 / (1.0 - prior)
+
+
+def pu_loss(y_true, y_pred, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True, balanced=False):
     """nnPU (default) or uPU objective of one batch, a scalar tensor.
 
     Labels +1 positive, -1 unlabeled; ``y_pred`` logits, > 0 positive. See
-    `pu_risk` for the parts and `non_negative_objective` for which value is
-    reported and which gradient is back-propagated.
+    `pu_risk` for the parts, `class_weights` for ``balanced`` and
+    `non_negative_objective` for which value is reported and which gradient
+    is back-propagated.
     """
     risk = pu_risk(y_true, y_pred, prior, loss)
+    positive_weight, negative_weight = class_weights(prior, balanced)
     return non_negative_objective(
-        risk["positive_risk"], risk["negative_risk"], beta, gamma, nnPU
+        positive_weight * risk["positive_risk"], negative_weight * risk["negative_risk"], gamma, beta, nnPU
     )
 
 
@@ -208,8 +228,8 @@ def pnu_loss(y_true, y_pred, prior, eta, loss="sigmoid", gamma=1.0, beta=0.0, nn
     Labels: +1 positive, -1 negative, 0 unlabeled.
     """
     risk = pnu_risk(y_true, y_pred, prior, loss)
-    pu = non_negative_objective(risk["pu_positive"], risk["pu_negative"], beta, gamma, nnPU)
-    nu = non_negative_objective(risk["nu_negative"], risk["nu_positive"], beta, gamma, nnPU)
+    pu = non_negative_objective(risk["pu_positive"], risk["pu_negative"], gamma, beta, nnPU)
+    nu = non_negative_objective(risk["nu_negative"], risk["nu_positive"], gamma, beta, nnPU)
     if eta >= 0:
         return (1.0 - eta) * risk["pn_risk"] + eta * pu
     return (1.0 + eta) * risk["pn_risk"] - eta * nu
@@ -278,6 +298,11 @@ class PULoss(_BatchRiskLoss):
         Tolerance: the correction fires when the negative risk < -beta.
     nnPU : bool
         True for nnPU, False for uPU.
+    balanced : bool
+        Weigh the two classes equally ([4], `class_weights`), so that a rare
+        class (aurora at a prior of 0.95) still counts: without it the
+        all-background model has the small risk ``1 - prior`` and training
+        can settle there.
     name, reduction, dtype
         As for every ``keras.losses.Loss``. The loss of a batch is a scalar,
         so all reductions give the same value.
@@ -295,7 +320,7 @@ class PULoss(_BatchRiskLoss):
     >>> model.fit(x, y)  # y: +1 for P samples, -1 for U samples
     """
 
-    def __init__(self, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True,
+    def __init__(self, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True, balanced=False,
                  name="pu_loss", reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.prior = _check_hyperparameters(prior, loss, gamma, beta)
@@ -303,14 +328,15 @@ class PULoss(_BatchRiskLoss):
         self.gamma = float(gamma)
         self.beta = float(beta)
         self.nnPU = bool(nnPU)
+        self.balanced = bool(balanced)
 
     def call(self, y_true, y_pred):
-        return pu_loss(y_true, y_pred, self.prior, self.loss, self.gamma, self.beta, self.nnPU)
+        return pu_loss(y_true, y_pred, self.prior, self.loss, self.gamma, self.beta, self.nnPU, self.balanced)
 
     def get_config(self):
         config = super().get_config()
         config.update(prior=self.prior, loss=self.loss, gamma=self.gamma,
-                      beta=self.beta, nnPU=self.nnPU)
+                      beta=self.beta, nnPU=self.nnPU, balanced=self.balanced)
         return config
 
 

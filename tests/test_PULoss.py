@@ -24,12 +24,22 @@ def ref_parts(y, z, prior, loss):
     return prior * rp_plus, ru_minus - prior * rp_minus
 
 
-def ref_pu(y, z, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True):
-    """(reported value, objective whose gradient is back-propagated)."""
-    pos, neg = ref_parts(y, z, prior, loss)
+def ref_pu(y, z, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True, balanced=False):
+    """(reported value, objective whose gradient is back-propagated).
+
+    Balanced (Su, Chen & Xu 2021, target prior 0.5): the positive risk is
+    weighted 0.5 / prior and the negative risk 0.5 / (1 - prior).
+    """
+    w_pos, w_neg = (0.5 / prior, 0.5 / (1 - prior)) if balanced else (1.0, 1.0)
+
+    def parts(zz):
+        pos, neg = ref_parts(y, zz, prior, loss)
+        return w_pos * pos, w_neg * neg
+
+    pos, neg = parts(z)
     if nnPU and neg < -beta:
-        return pos - beta, lambda zz: -gamma * ref_parts(y, zz, prior, loss)[1]
-    return pos + neg, lambda zz: sum(ref_parts(y, zz, prior, loss))
+        return pos - beta, lambda zz: -gamma * parts(zz)[1]
+    return pos + neg, lambda zz: sum(parts(zz))
 
 
 def numeric_grad(f, z, eps=1e-4):
@@ -73,12 +83,13 @@ BATCHES = {
 @pytest.mark.parametrize("loss", ["sigmoid", "logistic"])
 @pytest.mark.parametrize("nnPU", [True, False])
 @pytest.mark.parametrize("beta,gamma", [(0.0, 1.0), (0.1, 0.5)])
-def test_pu_loss_value_and_gradient_match_reference(batch, loss, nnPU, beta, gamma):
+@pytest.mark.parametrize("balanced", [False, True])
+def test_pu_loss_value_and_gradient_match_reference(batch, loss, nnPU, beta, gamma, balanced):
     y, z = BATCHES[batch]
-    prior = 0.4
-    expected_value, objective = ref_pu(y, z, prior, loss, gamma, beta, nnPU)
+    prior = 0.4 if not balanced else 0.9
+    expected_value, objective = ref_pu(y, z, prior, loss, gamma, beta, nnPU, balanced)
     expected_grad = numeric_grad(objective, z)
-    fn = PULoss(prior, loss=loss, gamma=gamma, beta=beta, nnPU=nnPU)
+    fn = PULoss(prior, loss=loss, gamma=gamma, beta=beta, nnPU=nnPU, balanced=balanced)
     value, grad = keras_value_and_grad(fn, y, z)
     assert value == pytest.approx(expected_value, abs=1e-5)
     np.testing.assert_allclose(grad, expected_grad, atol=2e-4)
@@ -98,6 +109,16 @@ def test_correction_gradient_ascends_the_negative_risk():
     _, grad = keras_value_and_grad(PULoss(0.4), Y_MIXED, Z_OVERFIT)
     step = Z_OVERFIT - 1.0 * grad
     assert ref_parts(Y_MIXED, step, 0.4, "sigmoid")[1] > ref_parts(Y_MIXED, Z_OVERFIT, 0.4, "sigmoid")[1]
+
+
+def test_balanced_all_background_model_is_no_longer_cheap():
+    # At prior 0.95 the all-background model (every logit large) has the
+    # plain nnPU risk 1 - prior = 0.05; balanced, both classes weigh 0.5 and
+    # that model costs 0.5, what a coin flip would.
+    y = np.array([1] * 20 + [-1] * 20, "float32")
+    z = np.full(40, 30.0, "float32")
+    assert float(pu_loss(y, z, 0.95)) == pytest.approx(0.05, abs=1e-6)
+    assert float(pu_loss(y, z, 0.95, balanced=True)) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_pu_risk_parts():
@@ -202,6 +223,7 @@ def test_sample_weight_is_refused():
 
 @pytest.mark.parametrize("loss_obj", [
     PULoss(0.3, loss="logistic", gamma=0.5, beta=0.01, nnPU=False),
+    PULoss(0.95, balanced=True),
     PNULoss(0.6, -0.4, loss="sigmoid", gamma=0.9, beta=0.02),
 ])
 def test_get_config_round_trip(loss_obj):
