@@ -23,15 +23,17 @@ Images are float32 RGB in [0, 1] with shape (rows, cols, 3); patches are
 """
 
 import argparse
+import datetime
 import functools
+import itertools
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm", ".pnm", ".gif")
 
 # The aurora mask threshold of the synthetic frames, in the [0, 1] units of an
 # 8-bit pixel: a pixel is aurora where the aurora adds more than 16/255 to its
@@ -74,19 +76,49 @@ def _skimage_array(path):
     return np.asarray(skimage.io.imread(str(path)))
 
 
-def _to_float_rgb(pixels, path):
-    """Scale an integer or float array to float32 [0, 1] and shape it (rows, cols, 3)."""
-    if pixels.dtype == np.uint8 or pixels.dtype == np.bool_:
-        values = pixels.astype(np.float32) / (1.0 if pixels.dtype == np.bool_ else 255.0)
-    elif pixels.dtype.kind in "ui":
-        # 16-bit cameras (THEMIS, REGO) store counts up to 65535; Pillow's
-        # 32-bit integer mode "I" also holds 16-bit PNGs, so every wider
-        # integer is read as 16-bit and clipped to it.
-        values = np.clip(pixels.astype(np.float32), 0, 65535) / 65535.0
-    elif pixels.dtype.kind == "f":
-        values = np.clip(np.nan_to_num(pixels.astype(np.float32)), 0.0, 1.0)
-    else:
-        raise DataError(f"{path}: unsupported pixel type {pixels.dtype}")
+def _picture_pixels(path):
+    """The pixel array of a single-picture file (JPEG, PNG, TIFF, ...), any dtype."""
+    try:
+        return _pillow_array(path)
+    except (_NarrowedByPillow, OSError, ValueError, SyntaxError, EOFError, TypeError) as pillow_error:
+        # Pillow cannot read some valid files and would cut 16-bit colour to
+        # 8 bits; scikit-image's plug-ins (tifffile, imageio) get a second
+        # chance before we give up.
+        try:
+            return _skimage_array(path)
+        except Exception as skimage_error:  # imageio and tifffile raise many unrelated types.
+            reason = str(pillow_error).splitlines()[0] if str(pillow_error) else type(pillow_error).__name__
+            raise DataError(f"{path}: cannot read image ({reason})") from skimage_error
+
+
+def full_scale_of(dtype):
+    """The count a pixel of this dtype reads at full brightness: 255 (8-bit), 65535 (wider integers), 1.0 (float).
+
+    Wider integers are taken as 16-bit: 16-bit cameras (THEMIS, REGO, DASC)
+    store counts up to 65535, and Pillow's 32-bit integer mode "I" also
+    holds 16-bit PNGs.
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return 1.0
+    if dtype == np.uint8:
+        return 255.0
+    if dtype.kind in "ui":
+        return 65535.0
+    if dtype.kind == "f":
+        return 1.0
+    raise TypeError(f"unsupported pixel type {dtype}")
+
+
+def _to_rgb_counts(pixels, path):
+    """An array of any dtype as float32 counts of shape (rows, cols, 3), and its full scale."""
+    try:
+        full_scale = full_scale_of(pixels.dtype)
+    except TypeError:
+        raise DataError(f"{path}: unsupported pixel type {pixels.dtype}") from None
+    if pixels.ndim < 2 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise DataError(f"{path}: image has no pixels (shape {pixels.shape})")
+    values = np.nan_to_num(pixels.astype(np.float32)) if pixels.dtype.kind == "f" else pixels.astype(np.float32)
     if values.ndim == 3 and values.shape[2] == 1:
         values = values[:, :, 0]
     if values.ndim == 2:
@@ -98,7 +130,45 @@ def _to_float_rgb(pixels, path):
         values = values[:, :, :3]
     elif not (values.ndim == 3 and values.shape[2] == 3):
         raise DataError(f"{path}: expected a grey, RGB or RGBA image, found pixel array of shape {pixels.shape}")
-    return np.ascontiguousarray(values, dtype=np.float32)
+    return np.ascontiguousarray(values), full_scale
+
+
+def scale_counts(counts, low, high):
+    """Counts to float32 in [0, 1]: ``(counts - low) / (high - low)``, clipped.
+
+    Parameters
+    ----------
+    counts : ndarray, any shape
+        Pixel values in the file's own units (``Frame.pixels``).
+    low, high : float
+        The counts that become 0 and 1: ``0`` and the dtype's full scale
+        (``full_scale_of``) for plain pictures, or a camera's own range
+        (``estimate_camera_range``) for science frames.
+    """
+    if not high > low:
+        raise ValueError(f"Invalid range: expected low < high, received {low} and {high}")
+    return np.clip((np.asarray(counts, np.float32) - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+class Frame(NamedTuple):
+    """One frame of a picture, FITS file, PGM stack or CDF file.
+
+    ``name`` is what its outputs are called: the file name without its
+    extensions, with ``_<k>`` (k from 0) for each frame of a multi-frame
+    file. ``pixels`` (rows, cols, 3) float32 holds the file's own counts
+    (grey repeated into three channels) and ``full_scale`` the count of full
+    brightness for the file's data type (``full_scale_of``); ``None`` pixels
+    and a one-line ``error`` mark a frame that could not be read. ``time``
+    is the UT time of the frame (timezone-aware), or None when unknown.
+    """
+
+    name: str
+    pixels: "np.ndarray | None"
+    full_scale: float
+    time: "datetime.datetime | None"
+    source: Path
+    index: "int | None" = None
+    error: "str | None" = None
 
 
 def read_image(path):
@@ -107,71 +177,430 @@ def read_image(path):
     Parameters
     ----------
     path : str or pathlib.Path
-        Any file Pillow or scikit-image reads: JPEG, PNG, TIFF, BMP, PGM/PPM,
-        8- or 16-bit, grey, grey + alpha, palette, RGB or RGBA.
+        Any single-frame file ``read_frames`` reads: JPEG, PNG, TIFF, BMP,
+        PGM/PPM, FITS; 8- or 16-bit, grey, grey + alpha, palette, RGB or RGBA.
 
     Returns
     -------
     image : ndarray of shape (rows, cols, 3), float32
         8-bit values are divided by 255 and 16-bit values by 65535 (the full
-        16-bit range, not the camera's own maximum, so a 12-bit camera's frames
-        come out dark but keep their relative brightness). Float images are
-        clipped to [0, 1]. Grey is repeated into three channels and alpha is
-        dropped.
+        16-bit range, not the camera's own maximum: training and segmentation
+        scale science frames by the camera's range instead, see
+        ``estimate_camera_range``). Float images are clipped to [0, 1]. Grey
+        is repeated into three channels and alpha is dropped.
 
     Raises
     ------
     DataError
-        The file is missing, corrupt or not an image; the message names it.
+        The file is missing, corrupt, not an image, or holds several frames
+        (use ``read_frames``); the message names it.
+    """
+    frames = list(read_frames(path))
+    if len(frames) != 1:
+        raise DataError(f"{path}: holds {len(frames)} frames; read it with data.read_frames")
+    if frames[0].error:
+        raise DataError(frames[0].error)
+    return scale_counts(frames[0].pixels, 0.0, frames[0].full_scale)
+
+
+# File kinds by suffix, lower case; two-part suffixes first.
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".pnm", ".gif")
+PGM_EXTENSIONS = (".pgm", ".pgm.gz", ".pgm.bz2")
+FITS_EXTENSIONS = (".fits", ".fit", ".fts", ".fits.gz")
+CDF_EXTENSIONS = (".cdf",)
+IMAGE_EXTENSIONS = PICTURE_EXTENSIONS + PGM_EXTENSIONS + FITS_EXTENSIONS + CDF_EXTENSIONS
+
+
+def frame_suffix(path):
+    """The frame-file suffix of ``path`` in lower case (``.pgm.gz`` whole), or None if it is no frame file."""
+    name = Path(path).name.lower()
+    for suffix in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return None
+
+
+def frame_stem(path):
+    """The file name of ``path`` without its frame-file suffix (both parts of ``.pgm.gz``)."""
+    name = Path(path).name
+    suffix = frame_suffix(path)
+    return name[: len(name) - len(suffix)] if suffix else Path(path).stem
+
+
+def read_frames(path, name=None):
+    """Yield every frame of a picture, FITS file, PGM stack or CDF file, in file order.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        JPEG, PNG, TIFF, BMP, PPM/PNM, GIF (one frame); PGM, ``.pgm.gz`` and
+        ``.pgm.bz2`` stacks of one or more 8- or 16-bit frames, as THEMIS,
+        REGO and TREx write them; FITS (``.fits``, ``.fit``, ``.fts``, 2-D
+        images or 3-D cubes of frames, BZERO/BSCALE applied by astropy; rows
+        as stored, row 0 the file's first row); CDF files of THEMIS level 1
+        (each variable of 2-D integer records, e.g. ``thg_asf_gako``, one frame
+        per record, times from its epoch variable).
+    name : str, optional
+        Output name of the file; default ``frame_stem(path)``.
+
+    Yields
+    ------
+    frame : Frame
+        ``name`` is the file's for a single-frame file and ``<name>_<k>``
+        for frame k of a multi-frame file, so outputs never collide. A frame
+        that cannot be read (a stack whose frames change size) is yielded
+        with ``pixels`` None and the reason in ``error``.
+
+    Raises
+    ------
+    DataError
+        The file is missing, corrupt, truncated (after the frames before the
+        damage have been yielded) or holds no image; the message names it.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    name = frame_stem(path) if name is None else name
+    suffix = frame_suffix(path)
+    if suffix in PGM_EXTENSIONS:
+        yield from _read_pgm(path, name)
+    elif suffix in FITS_EXTENSIONS:
+        yield from _read_fits(path, name)
+    elif suffix in CDF_EXTENSIONS:
+        yield from _read_cdf(path, name)
+    else:
+        pixels = _picture_pixels(path)
+        counts, full_scale = _to_rgb_counts(pixels, path)
+        yield Frame(name, counts, full_scale, _picture_time(path), path)
+
+
+def _numbered(frames, name):
+    """Name a file's frames ``<name>_<k>`` when it holds more than one, ``<name>`` when just one."""
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        return
     try:
-        pixels = _pillow_array(path)
-    except (_NarrowedByPillow, OSError, ValueError, SyntaxError, EOFError, TypeError) as pillow_error:
-        # Pillow cannot read some valid files and would cut 16-bit colour to
-        # 8 bits; scikit-image's plug-ins (tifffile, imageio) get a second
-        # chance before we give up.
+        second = next(frames, None)
+    except DataError:
+        # The damage comes after the first frame: keep that frame.
+        yield first._replace(name=f"{name}_0", index=0)
+        raise
+    if second is None:
+        yield first._replace(name=name, index=None)
+        return
+    for k, frame in enumerate(itertools.chain([first, second], frames)):
+        yield frame._replace(name=f"{name}_{k}", index=k)
+
+
+def _read_pgm(path, name):
+    """Frames of a (possibly compressed) binary PGM stack: P5 headers with comments, then big-endian data."""
+    import bz2
+    import gzip
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as stream:
+            content = stream.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+    if not content.startswith(b"P5"):
+        # ASCII (P2) or colour PGM variants: one frame, through Pillow.
+        counts, full_scale = _to_rgb_counts(_picture_pixels(path), path)
+        yield Frame(name, counts, full_scale, _picture_time(path), path)
+        return
+    yield from _numbered(_pgm_frames(content, path), name)
+
+
+def _pgm_frames(content, path):
+    """Parse consecutive P5 frames from bytes; the comments before each give its time."""
+    position, shape, count = 0, None, 0
+    while position < len(content) and content[position:position + 2] == b"P5":
+        header, position = _pgm_header(content, position, path)
+        width, height, maxval, comments = header
+        dtype = np.dtype(">u2") if maxval > 255 else np.dtype("u1")
+        size = width * height * dtype.itemsize
+        if position + size > len(content):
+            raise DataError(f"{path}: truncated after {count} frames (frame {count} has "
+                            f"{len(content) - position} of its {size} bytes)")
+        pixels = np.frombuffer(content, dtype, width * height, position).reshape(height, width)
+        position += size
+        while position < len(content) and content[position:position + 1].isspace():
+            position += 1
+        time = _time_from_comments(comments)
+        if shape is not None and (height, width) != shape:
+            yield Frame("", None, 0.0, time, path, error=f"{path}: frame {count} is {height}x{width} "
+                        f"but the first frame is {shape[0]}x{shape[1]}; skipped")
+        else:
+            shape = (height, width)
+            counts, full_scale = _to_rgb_counts(pixels.astype(np.uint16 if maxval > 255 else np.uint8), path)
+            yield Frame("", counts, full_scale, time, path)
+        count += 1
+    if count == 0:
+        raise DataError(f"{path}: not a binary PGM file")
+
+
+def _pgm_header(content, position, path):
+    """The (width, height, maxval, comments) of the P5 header at ``position`` and where its data start."""
+    fields, comments = [], []
+    position += 2
+    while len(fields) < 3:
+        while position < len(content) and content[position:position + 1].isspace():
+            position += 1
+        if position >= len(content):
+            raise DataError(f"{path}: truncated PGM header")
+        if content[position:position + 1] == b"#":
+            end = content.find(b"\n", position)
+            end = len(content) if end < 0 else end
+            comments.append(content[position + 1:end].decode("latin-1").strip())
+            position = end + 1
+            continue
+        end = position
+        while end < len(content) and content[end:end + 1].isdigit():
+            end += 1
+        if end == position:
+            raise DataError(f"{path}: malformed PGM header")
+        fields.append(int(content[position:end]))
+        position = end
+    # Exactly one whitespace byte separates the header from the data.
+    width, height, maxval = fields
+    if width < 1 or height < 1 or not 0 < maxval < 65536:
+        raise DataError(f"{path}: malformed PGM header ({width}x{height}, maxval {maxval})")
+    return (width, height, maxval, comments), position + 1
+
+
+def _read_fits(path, name):
+    """Frames of the image HDUs of a FITS file: a 2-D image is one frame, a 3-D cube one per plane."""
+    try:
+        from astropy.io import fits
+    except ImportError:
+        raise DataError(f"{path}: reading FITS needs astropy (pip install astropy)") from None
+
+    def frames():
         try:
-            pixels = _skimage_array(path)
-        except Exception as skimage_error:  # imageio and tifffile raise many unrelated types.
-            reason = str(pillow_error).splitlines()[0] if str(pillow_error) else type(pillow_error).__name__
-            raise DataError(f"{path}: cannot read image ({reason})") from skimage_error
-    if pixels.ndim < 2 or pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise DataError(f"{path}: image has no pixels (shape {pixels.shape})")
-    return _to_float_rgb(pixels, path)
+            with warnings.catch_warnings(), fits.open(path, memmap=False) as hdus:
+                # A truncated file warns, then fails on its data: the error says it once.
+                warnings.simplefilter("ignore")
+                found = False
+                for hdu in hdus:
+                    if not getattr(hdu, "is_image", False) or hdu.data is None or hdu.data.ndim < 2:
+                        continue
+                    found = True
+                    time = _fits_time(hdu.header)
+                    planes = hdu.data if hdu.data.ndim == 3 else hdu.data[None]
+                    for plane in planes:
+                        counts, full_scale = _to_rgb_counts(np.asarray(plane), path)
+                        yield Frame("", counts, full_scale, time, path)
+        except (OSError, ValueError, TypeError, IndexError) as error:
+            raise DataError(f"{path}: cannot read FITS ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        if not found:
+            raise DataError(f"{path}: FITS file without an image")
+
+    yield from _numbered(frames(), name)
 
 
-def list_images(folder):
-    """Image files of ``folder``, sorted by name; hidden files and other suffixes skipped.
+def _read_cdf(path, name):
+    """Frames of a CDF file's image variables (2-D records), THEMIS level 1 style, with their epochs."""
+    try:
+        import cdflib
+    except ImportError:
+        raise DataError(f"{path}: reading CDF needs cdflib (pip install cdflib)") from None
+    try:
+        cdf = cdflib.CDF(str(path))
+        variables = cdf.cdf_info().zVariables
+        images = [v for v in variables
+                  if len(cdf.varinq(v).Dim_Sizes) == 2 and min(cdf.varinq(v).Dim_Sizes) >= 16
+                  and cdf.varinq(v).Data_Type_Description in ("CDF_UINT1", "CDF_UINT2", "CDF_INT2", "CDF_UINT4",
+                                                            "CDF_INT4", "CDF_FLOAT", "CDF_REAL4", "CDF_REAL8",
+                                                            "CDF_DOUBLE")]
+    except (OSError, ValueError, KeyError, IndexError) as error:
+        raise DataError(f"{path}: cannot read CDF ({error})") from None
+    if not images:
+        raise DataError(f"{path}: CDF file without image variables (2-D records)")
+
+    def frames():
+        for variable in images:
+            try:
+                stack = np.asarray(cdf.varget(variable))
+                times = _cdf_times(cdf, variable, variables)
+            except (OSError, ValueError, KeyError, IndexError) as error:
+                raise DataError(f"{path}: cannot read CDF variable {variable} ({error})") from None
+            stack = stack[None] if stack.ndim == 2 else stack
+            for k, plane in enumerate(stack):
+                counts, full_scale = _to_rgb_counts(plane, path)
+                yield Frame("", counts, full_scale, times[k] if k < len(times) else None, path)
+
+    yield from _numbered(frames(), name)
+
+
+# ------------------------------------------------------------ frame times
+
+def _utc(year, month, day, hour=0, minute=0, second=0, microsecond=0):
+    return datetime.datetime(year, month, day, hour, minute, second, microsecond, tzinfo=datetime.timezone.utc)
+
+
+def _fraction(text):
+    """Microseconds of a decimal fraction of a second such as ``.743``."""
+    return int(round(float("0" + text) * 1e6)) if text else 0
+
+
+# File name forms of the camera networks, most specific first; each gives
+# year, month, day, hour, minute, second and a fraction of a second.
+_NAME_TIMES = (
+    # 2017-12-18_03-14-57 (KHO)
+    (re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})[_T ](\d{2})[-:](\d{2})[-:](\d{2})(\.\d+)?(?!\d)"),
+     lambda g: _utc(int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]), _fraction(g[6]))),
+    # 20151007_082351.743 (DASC), 20090209_060001 (NORSTAR, TREx)
+    (re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})_(\d{2})(\d{2})(\d{2})(\.\d+)?(?!\d)"),
+     lambda g: _utc(int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]), _fraction(g[6]))),
+    # N20040116G050623 (Yellow River Station): date, one letter, time
+    (re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})[A-Za-z](\d{2})(\d{2})(\d{2})(?!\d)"),
+     lambda g: _utc(int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]))),
+    # 20140221192040 (NIPR)
+    (re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(?!\d)"),
+     lambda g: _utc(int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]))),
+    # 20140310_0600 (THEMIS, REGO, TREx minute files)
+    (re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})_(\d{2})(\d{2})(?!\d)"),
+     lambda g: _utc(int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]))),
+    # 111220_200933 (KHO Sony): day, month, two-digit year; the camera's
+    # EXIF time of that file is 2020-12-11 20:09:13
+    (re.compile(r"(?<!\d)(\d{2})(\d{2})(\d{2})_(\d{2})(\d{2})(\d{2})(?!\d)"),
+     lambda g: _utc(2000 + int(g[2]), int(g[1]), int(g[0]), int(g[3]), int(g[4]), int(g[5]))),
+)
+
+
+def time_from_name(name):
+    """The UT time a file name spells, or None.
+
+    Understands the forms camera networks use: ``2017-12-18_03-14-57``,
+    ``20151007_082351.743``, ``N20040116G050623``, ``20140221192040``,
+    ``20140310_0600`` and ``111220_200933`` (KHO's day, month, two-digit
+    year from 2000);
+    a form whose numbers are no valid date (month 13) is skipped.
+    """
+    for pattern, build in _NAME_TIMES:
+        for match in pattern.finditer(str(name)):
+            try:
+                return build(match.groups())
+            except ValueError:
+                continue
+    return None
+
+
+def _parse_iso(text):
+    """``2014-03-10 06:00:00.063119 UTC`` or ``2015-10-07T08:23:51.743`` as an aware UTC datetime, or None."""
+    match = re.search(r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(\.\d+)?", text)
+    if not match:
+        return None
+    g = match.groups()
+    try:
+        return _utc(int(g[0]), int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]), _fraction(g[6]))
+    except ValueError:
+        return None
+
+
+def _time_from_comments(comments):
+    """A PGM frame's time from its header comments (``"Image request start" 2014-03-10 06:00:00.063 UTC``)."""
+    for key in ("image request start", "image readout start", "exposure start"):
+        for comment in comments:
+            if comment.lower().lstrip('"').startswith(key):
+                return _parse_iso(comment)
+    return None
+
+
+def _fits_time(header):
+    """A FITS frame's time: DATE-OBS (with TIME-OBS or UT), or DASC's OBSDATE and OBSSTART."""
+    for date_key, time_keys in (("DATE-OBS", ("TIME-OBS", "UT", "UTSTART")), ("OBSDATE", ("OBSSTART",)),
+                                ("DATE", ("TIME-OBS", "UT"))):
+        date = header.get(date_key)
+        if not isinstance(date, str):
+            continue
+        if "T" in date:
+            return _parse_iso(date)
+        for time_key in time_keys:
+            if isinstance(header.get(time_key), str):
+                return _parse_iso(f"{date.strip()} {header[time_key].strip()}")
+    return None
+
+
+def _cdf_times(cdf, variable, variables):
+    """Times of a CDF image variable's records from its DEPEND_0 or ``<variable>_epoch`` variable."""
+    import cdflib
+
+    try:
+        epoch = cdf.varattsget(variable).get("DEPEND_0")
+    except (ValueError, KeyError):
+        epoch = None
+    if not isinstance(epoch, str) or epoch not in variables:
+        epoch = f"{variable}_epoch" if f"{variable}_epoch" in variables else None
+    if epoch is None:
+        return []
+    values = np.atleast_1d(cdflib.cdfepoch.to_datetime(cdf.varget(epoch)))
+    return [_parse_iso(str(value)) for value in values]
+
+
+def _picture_time(path):
+    """A picture's time from its EXIF DateTimeOriginal or DateTime (taken as UT), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            exif = image.getexif()
+            text = exif.get_ifd(0x8769).get(36867) or exif.get(306)
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, AttributeError, KeyError):
+        return None
+    if not isinstance(text, str):
+        return None
+    match = re.match(r"(\d{4}):(\d{2}):(\d{2}) (\d{2}):(\d{2}):(\d{2})", text.strip())
+    if not match:
+        return None
+    try:
+        return _utc(*(int(group) for group in match.groups()))
+    except ValueError:
+        return None
+
+
+def frame_time(frame):
+    """A frame's UT time: its file's own (``Frame.time``), else its file name's (``time_from_name``), else None."""
+    return frame.time or time_from_name(frame.source.name)
+
+
+def list_images(folder, recursive=False):
+    """Frame files of ``folder``, sorted; hidden files and other suffixes skipped.
 
     Parameters
     ----------
     folder : str or pathlib.Path
-        A folder; sub-folders are not searched.
+        A folder.
+    recursive : bool
+        Also search its sub-folders (a folder of nights); files are sorted
+        by their path relative to ``folder``.
 
     Returns
     -------
     paths : list of pathlib.Path
-        Files whose lower-case suffix is in ``IMAGE_EXTENSIONS``.
+        Files with a suffix of ``IMAGE_EXTENSIONS`` (``frame_suffix``).
 
     Raises
     ------
     DataError
-        The folder does not exist, is not a folder or holds no image file.
+        The folder does not exist, is not a folder or holds no frame file.
     """
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
     paths = sorted(
-        path for path in folder.iterdir()
-        if not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        (path for path in candidates
+         if not any(part.startswith(".") for part in path.relative_to(folder).parts)
+         and frame_suffix(path) and path.is_file()),
+        key=lambda path: path.relative_to(folder).parts,
     )
     if not paths:
-        raise DataError(f"{folder}: no image files (expected {', '.join(IMAGE_EXTENSIONS)})")
+        where = " or its sub-folders" if recursive else " (sub-folders are searched with --recursive)"
+        raise DataError(f"{folder}: no image files{where}; expected {', '.join(IMAGE_EXTENSIONS)}")
     return paths
 
 
@@ -686,7 +1115,8 @@ def _aurora_structures(rng, u, v, fields, arc_width):
 
 
 def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0, cloud_cover=0.3,
-                    rows=None, cols=None):
+                    rows=None, cols=None, moon=0.0, haze=0.0, twilight=0.0, town_glow=0.0, obstruction=False,
+                    overlay_text=False, cover=(0.04, 0.55), bit_depth=8, grey=False):
     """Draw one synthetic all-sky camera frame and its true aurora mask.
 
     The frame imitates a colour fisheye camera such as NIPR's at Syowa: a
@@ -720,21 +1150,53 @@ def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0
         light, hide stars and dim the aurora by up to a third.
     rows, cols : int, optional
         Frame shape for non-square frames.
+    moon : float
+        Moonlight, >= 0 (1 is a bright moon): broadband glow over the whole
+        sky, strongest toward the moon, which is a saturated disc when it is
+        above the horizon; moonlit clouds turn bright.
+    haze : float
+        Haze or thin high cloud, in [0, 1]: uniform scattered light that
+        grows toward the horizon and with ``moon``, fewer stars, and a
+        blurred, dimmer aurora.
+    twilight : float
+        Twilight, >= 0 (1 is bright): a broad glow rising from one side of
+        the horizon, orange low and blue higher up.
+    town_glow : float
+        Town lights, >= 0: a narrow orange glow along part of the horizon,
+        which also lights the clouds from below.
+    obstruction : bool
+        A dark building and a mast in front of part of the sky.
+    overlay_text : bool
+        A white time stamp and station name in the frame's corners, outside
+        the circle, as many cameras print them.
+    cover : (float, float)
+        The structures are redrawn (a few tries at most) until the mask
+        covers a fraction of the sky in this range at brightness 1.
+    bit_depth : {8, 16}
+        8 gives uint8 counts; 16 gives uint16 counts of a science camera:
+        a pedestal of 3300 plus 16 counts per 8-bit step.
+    grey : bool
+        A monochrome camera behind a 557.7 nm filter: one channel, the
+        green one, shape (rows, cols).
 
     Returns
     -------
     image : ndarray of shape (rows, cols, 3), uint8
+        (rows, cols) with ``grey``; uint16 with ``bit_depth=16``.
     mask : ndarray of shape (rows, cols), bool
         True where the aurora adds more than ``MASK_THRESHOLD`` (16/255) to
-        the brightest channel as seen through the clouds; False outside the
-        circle.
+        the brightest channel as seen through the clouds and haze; False
+        outside the circle and behind the obstruction.
 
     Notes
     -----
-    The structures are drawn until they cover 4% to 55% of the sky at
-    brightness 1 (a few tries at most), so most aurora frames have a
-    clearly visible but not overwhelming aurora. Structure shapes depend on
-    ``seed`` and ``arc_width`` but not on ``brightness`` or ``cloud_cover``.
+    With the defaults the structures are drawn until they cover 4% to 55%
+    of the sky at brightness 1, so most aurora frames have a clearly
+    visible but not overwhelming aurora. Structure shapes depend on
+    ``seed``, ``arc_width`` and ``cover`` but not on ``brightness``, the
+    clouds or the other sky conditions, which come from random streams of
+    their own: with every condition at its default the frame is the same
+    as before the conditions existed.
     """
     rows = size if rows is None else rows
     cols = size if cols is None else cols
@@ -749,6 +1211,15 @@ def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0
         raise ValueError(f"Invalid arc_width: expected arc_width > 0, received {arc_width}")
     if not 0 <= cloud_cover <= 1:
         raise ValueError(f"Invalid cloud_cover: expected 0 <= cloud_cover <= 1, received {cloud_cover}")
+    for argument, value in (("moon", moon), ("twilight", twilight), ("town_glow", town_glow)):
+        if not value >= 0:
+            raise ValueError(f"Invalid {argument}: expected {argument} >= 0, received {value}")
+    if not 0 <= haze <= 1:
+        raise ValueError(f"Invalid haze: expected 0 <= haze <= 1, received {haze}")
+    if not (len(cover) == 2 and 0 <= cover[0] <= cover[1] <= 1):
+        raise ValueError(f"Invalid cover: expected (low, high) with 0 <= low <= high <= 1, received {cover!r}")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"Invalid bit_depth: expected 8 or 16, received {bit_depth!r}")
     from skimage.filters import gaussian
 
     # Separate streams, so that the sky does not change when the aurora is
@@ -814,15 +1285,30 @@ def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0
     if aurora:
         for _ in range(6):
             emission = _aurora_structures(aurora_rng, u, v, fields, arc_width)
-            cover = (emission.max(axis=2) > MASK_THRESHOLD)[inside].mean()
-            if 0.04 <= cover <= 0.55:
+            covered = (emission.max(axis=2) > MASK_THRESHOLD)[inside].mean()
+            if cover[0] <= covered <= cover[1]:
                 break
         emission *= np.float32(brightness)
     emission *= (1 - cloud / 3)[..., None]
+
+    conditions = moon or haze or twilight or town_glow or obstruction
+    if conditions:
+        light, cloud_lighting, star_factor, blocked = _sky_conditions(
+            np.random.default_rng([int(seed), 5]), u, v, r, moon, haze, twilight, town_glow, obstruction)
+        if haze:
+            # Haze scatters the aurora's light: a blurred, dimmer aurora.
+            emission = (1 - 0.3 * haze) * gaussian(emission, sigma=1 + 0.02 * haze * radius, channel_axis=-1,
+                                                    preserve_range=True).astype(np.float32)
     mask = (emission.max(axis=2) > MASK_THRESHOLD) & inside
 
     clear = (1 - cloud)[..., None]
-    signal = sky + (galaxy_light + stars) * clear + (cloud_light * cloud)[..., None] + emission
+    if conditions:
+        signal = (sky + light + (galaxy_light + stars) * clear * star_factor
+                  + (cloud_light * cloud)[..., None] + cloud[..., None] * cloud_lighting + emission)
+        signal[blocked] = sky[blocked] * 0.3
+        mask &= ~blocked
+    else:
+        signal = sky + (galaxy_light + stars) * clear + (cloud_light * cloud)[..., None] + emission
     # Read noise plus shot noise that grows with the signal.
     signal += noise_rng.standard_normal(signal.shape, dtype=np.float32) * np.sqrt(0.007**2 + 0.0003 * signal)
     # Beyond the lens circle the sensor is dark: counts of 0 to 3 of 255. A
@@ -830,8 +1316,91 @@ def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0
     rim = np.clip((1 - r) * radius + 0.5, 0, 1)[..., None]
     dark = noise_rng.integers(0, 4, signal.shape).astype(np.float32) / 255
     frame = rim * signal + (1 - rim) * dark
+    if overlay_text:
+        frame = _stamp_text(frame, np.random.default_rng([int(seed), 6]), r)
+    if grey:
+        frame = frame[:, :, 1]
+    if bit_depth == 16:
+        return np.round(3300 + np.clip(frame, 0, None) * 255 * 16).clip(0, 65535).astype(np.uint16), mask
     image = np.round(np.clip(frame, 0, 1) * 255).astype(np.uint8)
     return image, mask
+
+
+def _sky_conditions(rng, u, v, r, moon, haze, twilight, town_glow, obstruction):
+    """Light that is not aurora, for ``synthetic_frame``: moon, haze, twilight, town lights, obstructions.
+
+    ``u``, ``v`` and ``r`` are the frame's coordinates in units of the
+    circle radius (0 at the zenith, 1 on the horizon). Returns ``light``
+    (rows, cols, 3), the broadband light added to the sky; ``cloud_lighting``
+    (rows, cols, 3), the light a fully opaque cloud adds (moonlit or lit by
+    the town from below); ``star_factor`` (float), how much of the stars
+    and galactic band the haze lets through; and ``blocked`` (rows, cols)
+    bool, the pixels behind the obstruction.
+    """
+    shape = np.broadcast_shapes(u.shape, v.shape)
+    angle = np.arctan2(v, u)
+    r = np.minimum(r, 1.0)  # beyond the horizon the sensor is dark anyway
+    light = np.zeros(shape + (3,), np.float32)
+    cloud_lighting = np.zeros(shape + (3,), np.float32)
+    # Moonlight: elevation between just below the horizon and high up; its
+    # glow falls off with the distance to the moon and rises toward the
+    # horizon, where the light crosses more air.
+    moon_angle, moon_elevation = rng.uniform(0, 2 * np.pi), rng.uniform(-0.15, 0.6)
+    moon_u, moon_v = (1 - moon_elevation) * np.cos(moon_angle), (1 - moon_elevation) * np.sin(moon_angle)
+    moon_distance = np.sqrt((u - moon_u) ** 2 + (v - moon_v) ** 2)
+    white = np.array([1.0, 0.97, 0.9], np.float32)
+    if moon:
+        glow = 0.03 + 0.1 * np.exp(-moon_distance / 0.6) + 0.3 * np.exp(-((moon_distance / 0.1) ** 2))
+        glow = glow * (1 + 0.6 * r**2) * moon
+        if moon_elevation > 0.05:
+            glow = glow + 3.0 * moon * (moon_distance < 0.025)  # the moon's disc, saturated
+        light += glow[..., None] * white
+        cloud_lighting += (0.12 * moon * (1 + 0.5 * np.exp(-moon_distance / 0.5)))[..., None] * white
+    if haze:
+        scatter = haze * (0.025 + 0.05 * r**4 + 0.08 * moon * np.exp(-moon_distance / 0.8))
+        light += scatter[..., None] * white
+    if twilight:
+        side = np.cos(angle - rng.uniform(0, 2 * np.pi))
+        glow = twilight * 0.3 * np.exp(-(1 - r) / 0.35) * ((1 + side) / 2) ** 2
+        low = np.exp(-(1 - r) / 0.12)[..., None]
+        colour = low * np.array([1.0, 0.7, 0.45], np.float32) + (1 - low) * np.array([0.6, 0.75, 1.0], np.float32)
+        light += glow[..., None] * colour
+    if town_glow:
+        town_angle = rng.uniform(0, 2 * np.pi)
+        spread = np.angle(np.exp(1j * (angle - town_angle)))  # in (-pi, pi]
+        along = np.exp(-((spread / rng.uniform(0.3, 0.8)) ** 2))
+        sodium = np.array([1.0, 0.75, 0.4], np.float32)
+        light += (town_glow * 0.35 * np.exp(-(1 - r) / 0.07) * along)[..., None] * sodium
+        cloud_lighting += (town_glow * 0.15 * (0.3 + along))[..., None] * sodium
+    blocked = np.zeros(shape, bool)
+    if obstruction:
+        # A building on the horizon: a block of random height over an arc of
+        # azimuth, and a thin mast reaching further in.
+        start, width = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.9)
+        offset = np.mod(angle - start, 2 * np.pi)
+        blocked |= (offset < width) & (r > 1 - rng.uniform(0.06, 0.16))
+        mast_angle = rng.uniform(0, 2 * np.pi)
+        across = np.abs(-u * np.sin(mast_angle) + v * np.cos(mast_angle))
+        along_mast = u * np.cos(mast_angle) + v * np.sin(mast_angle)
+        blocked |= (across < 0.012) & (along_mast > 1 - rng.uniform(0.2, 0.4)) & (r <= 1)
+    star_factor = 1 - 0.8 * haze
+    return light, cloud_lighting, star_factor, blocked
+
+
+def _stamp_text(frame, rng, r):
+    """Print a time stamp and a station name in white in the corners of ``frame``, outside the circle."""
+    from PIL import Image, ImageDraw
+
+    rows, cols = frame.shape[:2]
+    layer = Image.new("L", (cols, rows), 0)
+    draw = ImageDraw.Draw(layer)
+    stamp = f"20{rng.integers(10, 25)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d} " \
+            f"{rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}:{rng.integers(0, 60):02d} UT"
+    draw.text((2, 2), stamp, fill=255)
+    draw.text((2, rows - 12), "SYNTHETIC STN", fill=255)
+    text = (np.asarray(layer, np.float32) / 255)[..., None]
+    text *= (r > 1)[..., None]  # never over the sky
+    return frame * (1 - text) + text
 
 
 # ------------------------------------------------------------ the shipped dataset
