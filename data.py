@@ -24,12 +24,13 @@ Images are float32 RGB in [0, 1] with shape (rows, cols, 3); patches are
 
 import argparse
 import datetime
-import functools
 import itertools
+import json
 import math
 import re
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,7 +43,11 @@ import numpy as np
 MASK_THRESHOLD = 16 / 255
 
 
-class DataError(ValueError):
+class UsageError(ValueError):
+    """A problem with the user's input (flags, files, folders); the CLIs print it in one line and exit with 2."""
+
+
+class DataError(UsageError):
     """A problem with the user's data; the message is one line naming the file or folder."""
 
 
@@ -604,6 +609,662 @@ def list_images(folder, recursive=False):
     return paths
 
 
+# ------------------------------------------------------------ preprocessing
+
+# What a model was trained on travels with it (``save_model`` writes it into
+# the ``.keras`` file, ``load_model`` reads it back), so that segmentation
+# prepares frames exactly as training did. Models saved before this existed
+# have none and get LEGACY_PREPROCESSING: frames divided by their full scale,
+# no normalization.
+PREPROCESSING_VERSION = 1
+LEGACY_PREPROCESSING = {"version": 0, "normalize": "none", "camera_range": None, "full_scale": None}
+
+# Background normalization (``normalize_frame``). The sky's background is the
+# lower envelope of the frame's brightness over BACKGROUND_SCALE of the sky's
+# diameter: moonlight, haze, twilight and horizon glow change more slowly
+# than that across the sky, while aurora arcs are narrower, so they stay out
+# of it and remain as excess above it.
+BACKGROUND_SCALE = 0.25
+# Per block of the background grid, this percentile of the pixels: below the
+# stars and below aurora that covers most of the block.
+BACKGROUND_QUANTILE = 25
+# The background grid has about this many blocks across the sky.
+BACKGROUND_BLOCKS = 48
+# Excess over the background in units of the pixel noise is compressed by
+# asinh(excess / NORMALIZE_SOFTENING): linear up to a few noise levels,
+# logarithmic for bright aurora, stars and the moon.
+NORMALIZE_SOFTENING = 3.0
+NORMALIZATIONS = ("background", "none")
+
+
+def sky_mask(image, threshold=None, smoothing=5, min_border_fraction=0.005, min_sky_fraction=0.2):
+    """Detect the sky (the fisheye circle) of an all-sky frame.
+
+    The border around the circle is black: close to the frame's darkest
+    level, while even a dark sky has noise and stars above it. The border is
+    taken to be the near-dark pixels connected to the frame's edges; the sky
+    is the largest connected region of what remains.
+
+    Parameters
+    ----------
+    image : ndarray of shape (rows, cols, 3), float32
+        RGB in [0, 1].
+    threshold : float, optional
+        A pixel is near dark when the mean of its channel maximum over a
+        ``smoothing`` x ``smoothing`` square is <= this. Default
+        (``border_threshold``): relative to the level and noise of the
+        frame's corners, which lie outside the circle of a fisheye frame, so
+        that 8-bit frames and science frames with a noisy, non-zero border
+        are treated alike.
+    smoothing : int
+        Side of that square in pixels; averaging keeps single dark pixels of
+        a noisy sky out of the border.
+    min_border_fraction : float
+        Edge-connected dark regions smaller than this fraction of the frame
+        are not a border (a dark corner of an ordinary frame).
+    min_sky_fraction : float
+        A sky region smaller than this fraction of the frame is not the
+        circle (on a dark frame it can be the aurora alone).
+
+    Returns
+    -------
+    sky : ndarray of shape (rows, cols), bool
+        True inside the sky. All True when no border or no plausible circle
+        is found (``sky.all()`` tells the caller it fell back).
+
+    Notes
+    -----
+    Keeping only the largest non-border region drops text and time stamps
+    printed in the black corners. Dark sky connected to the border by
+    near-dark pixels (e.g. below the horizon) is counted as border, which
+    is harmless because such pixels are background anyway. Averaging would
+    move the edge up to ``smoothing // 2`` pixels into the border, so dark
+    pixels that close to the averaged border are added back to it.
+    """
+    from scipy import ndimage
+
+    rows, cols = image.shape[:2]
+    # Arrays are deleted as soon as they are used: a 4096x4096 frame makes
+    # each of them 16 to 64 MB.
+    brightness = image.max(axis=2)  # (rows, cols) float32
+    if threshold is None:
+        threshold = border_threshold(brightness, smoothing)
+        if threshold is None:
+            return np.ones((rows, cols), dtype=bool)
+    dark = brightness <= threshold
+    smooth_dark = ndimage.uniform_filter(brightness, size=smoothing, mode="nearest") <= threshold
+    del brightness
+    labels, _ = ndimage.label(smooth_dark)
+    del smooth_dark
+    edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    # A lookup table over labels: cheaper than np.isin, which sorts copies.
+    touches_edge = np.zeros(labels.max() + 1, dtype=bool)
+    touches_edge[edge_labels] = True
+    touches_edge[0] = False  # label 0 is the bright background of ndimage.label
+    border = touches_edge[labels]
+    del labels
+    # Averaging lifts the border pixels next to a bright sky above the
+    # threshold; give back to the border the dark pixels within reach of the
+    # averaging window, so that the edge lands on the circle itself.
+    near_border = ndimage.maximum_filter(border.view(np.uint8), size=smoothing, mode="constant", cval=0)
+    border |= dark & (near_border > 0)
+    del near_border, dark
+    everything = np.ones((rows, cols), dtype=bool)
+    if border.sum() < min_border_fraction * rows * cols:
+        return everything
+    sky_labels, count = ndimage.label(~border)
+    if count == 0:
+        return everything
+    sizes = np.bincount(sky_labels.ravel())
+    sizes[0] = 0
+    if sizes.max() < min_sky_fraction * rows * cols:
+        return everything
+    return sky_labels == np.argmax(sizes)
+
+
+def border_threshold(brightness, smoothing=5):
+    """The brightness below which a pixel may be the dark border of a fisheye frame, or None if there is none.
+
+    The four corners of a fisheye frame lie outside its circle. Their
+    median is the border's level and their spread its noise; the threshold
+    is that level plus four noise levels of a ``smoothing``-wide average, or
+    3% of the way up to the sky's brightness (the frame's 75th
+    percentile: the border takes up to half of a frame), whichever is more,
+    and at least 0.01 (2.5 of 255). Corners about as bright as the sky (a
+    frame filled by sky) mean there is no border.
+    """
+    rows, cols = brightness.shape
+    side = max(3, min(rows, cols) // 20)
+    corners = np.concatenate([brightness[:side, :side].ravel(), brightness[:side, -side:].ravel(),
+                              brightness[-side:, :side].ravel(), brightness[-side:, -side:].ravel()])
+    level = float(np.median(corners))
+    noise = 1.4826 * float(np.median(np.abs(corners - level)))
+    sky_level = float(np.percentile(brightness[:: max(1, rows // 256), :: max(1, cols // 256)], 75))
+    if sky_level - level < 0.02:
+        return None
+    return max(0.01, level + max(4 * noise / smoothing, 0.03 * (sky_level - level)))
+
+
+def read_field_of_view(path, shape=None, min_elevation=None):
+    """A user's field of view: which pixels are sky, from a mask image or an elevation map.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A picture whose nonzero pixels are sky (``eraseMap.bmp`` style), or,
+        with ``min_elevation``, a map of each pixel's elevation in degrees
+        (a FITS file such as DASC's ``*_El.FIT``; NaN or values outside
+        [-90, 90] are not sky).
+    shape : (int, int), optional
+        The frames' (rows, cols); checked when given.
+    min_elevation : float, optional
+        Degrees above the horizon; pixels below it are not sky. All-sky
+        practice cuts the lowest 10 to 20 degrees, where horizon glow, town
+        lights and trees are.
+
+    Returns
+    -------
+    sky : ndarray of shape (rows, cols), bool
+
+    Raises
+    ------
+    DataError
+        Unreadable file, more than one frame, or another shape than ``shape``.
+    """
+    frames = list(read_frames(path))
+    if len(frames) != 1 or frames[0].pixels is None:
+        raise DataError(f"{path}: a field of view must be one picture or map")
+    values = frames[0].pixels[..., 0]
+    if min_elevation is None:
+        sky = values > 0
+    else:
+        with np.errstate(invalid="ignore"):
+            sky = np.isfinite(values) & (values >= min_elevation) & (values <= 90)
+    if shape is not None and sky.shape != tuple(shape):
+        raise DataError(f"{path}: field of view is {sky.shape[0]}x{sky.shape[1]} but the frames are "
+                        f"{shape[0]}x{shape[1]}")
+    if not sky.any():
+        raise DataError(f"{path}: the field of view holds no sky pixel"
+                        + (f" at or above {min_elevation} degrees" if min_elevation is not None else ""))
+    return sky
+
+
+def estimate_camera_range(samples, full_scale):
+    """The counts that become 0 and 1 for one camera: (low, high).
+
+    Parameters
+    ----------
+    samples : list of ndarray
+        Counts (any shape) from the training frames of the camera.
+    full_scale : float
+        Their data type's full scale (``full_scale_of``).
+
+    Returns
+    -------
+    low, high : float
+        8-bit frames: 0 and 255, as every picture viewer shows them. Other
+        frames: the 0.5th and 99.9th percentiles of all the counts. Science
+        cameras use a small part of their 16-bit range (DASC: 343 to 1484)
+        above a pedestal (THEMIS: about 3300), so dividing by 65535 would
+        leave every frame near black.
+    """
+    if full_scale == 255.0:
+        return 0.0, 255.0
+    pooled = np.concatenate([np.asarray(sample, np.float32).ravel()[::7] for sample in samples])
+    low, high = (float(value) for value in np.percentile(pooled, [0.5, 99.9]))
+    if not high > low:
+        high = low + 1.0
+    return low, high
+
+
+def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANTILE, blocks=BACKGROUND_BLOCKS):
+    """The sky's smooth background brightness, without stars or aurora.
+
+    Parameters
+    ----------
+    image : ndarray of shape (rows, cols, channels), float32
+    sky : ndarray of shape (rows, cols), bool
+        Only these pixels are used.
+    scale : float
+        Width of the smoothing window, as a fraction of the sky's diameter.
+    quantile : float
+        Percentile of each block's sky pixels, in (0, 100).
+    blocks : int
+        Blocks of the coarse grid across the sky's diameter.
+
+    Returns
+    -------
+    background : ndarray of shape (rows, cols, channels), float32
+
+    Notes
+    -----
+    The sky is cut into square blocks (``blocks`` across its diameter), each
+    summarised by the ``quantile`` percentile of its sky pixels (blocks with
+    less than a quarter sky are left out); the block values are replaced by
+    their median over a window of ``scale`` of the diameter, blocks outside
+    the sky take the nearest value, and the result is smoothed by one block
+    and interpolated bilinearly to every pixel. Working on blocks keeps a
+    4096x4096 frame to a 48x48 grid: the cost is that of one pass over a
+    subsample of the pixels.
+    """
+    from scipy import ndimage
+
+    rows, cols, channels = image.shape
+    sky_rows, sky_cols = np.nonzero(sky)
+    if sky_rows.size == 0:
+        return np.zeros_like(image)
+    diameter = max(sky_rows.max() - sky_rows.min(), sky_cols.max() - sky_cols.min()) + 1
+    cell = max(1, int(round(diameter / blocks)))
+    step = max(1, cell // 12)  # about 144 pixels a block are plenty for a percentile
+    cell -= cell % step
+    grid_rows, grid_cols = -(-rows // cell), -(-cols // cell)
+    # Subsampled first, so that a large frame is never copied whole; cell is
+    # a multiple of step, so blocks still start on sampled pixels.
+    per_block = cell // step
+    masked, values = sky[::step, ::step], image[::step, ::step]
+    padding = ((0, grid_rows * per_block - masked.shape[0]), (0, grid_cols * per_block - masked.shape[1]))
+    masked = np.pad(masked, padding).reshape(grid_rows, per_block, grid_cols, per_block).transpose(0, 2, 1, 3)
+    values = np.pad(values, padding + ((0, 0),)).reshape(grid_rows, per_block, grid_cols, per_block, channels)
+    values = values.transpose(0, 2, 4, 1, 3)
+    values = np.where(masked[:, :, None], values, np.nan).reshape(grid_rows, grid_cols, channels, -1)
+    grid = _nan_percentile(values, quantile)
+    grid[masked.reshape(grid_rows, grid_cols, -1).mean(axis=-1) < 0.25] = np.nan
+    window = max(3, int(round(scale * diameter / cell)) | 1)
+    half = window // 2
+    padded = np.pad(grid, ((half, half), (half, half), (0, 0)), constant_values=np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (window, window), axis=(0, 1))
+    grid = _nan_percentile(windows.reshape(grid_rows, grid_cols, channels, -1), 50)
+    missing = ~np.isfinite(grid[..., 0])
+    if missing.all():
+        return np.broadcast_to(np.median(image[sky], axis=0), image.shape).astype(np.float32)
+    nearest = ndimage.distance_transform_edt(missing, return_distances=False, return_indices=True)
+    grid = ndimage.gaussian_filter(grid[nearest[0], nearest[1]], (1, 1, 0)).astype(np.float32)
+    # Bilinear between block centres, one axis at a time (a full-size
+    # skimage resize of a 4096x4096 frame took seconds). The repeated last
+    # block gives the last pixels an upper neighbour.
+    grid = np.pad(grid, ((0, 1), (0, 1), (0, 0)), mode="edge")
+    row_lower, row_weight = _block_weights(rows, cell, grid_rows)
+    col_lower, col_weight = _block_weights(cols, cell, grid_cols)
+    along_rows = grid[row_lower] * (1 - row_weight)[:, None, None] + grid[row_lower + 1] * row_weight[:, None, None]
+    full = along_rows[:, col_lower] * (1 - col_weight)[None, :, None]
+    full += along_rows[:, col_lower + 1] * col_weight[None, :, None]
+    return full
+
+
+def _block_weights(length, cell, blocks):
+    """For each pixel of an axis, the block whose centre is at or before it and the weight of the next one."""
+    position = np.clip((np.arange(length, dtype=np.float32) + 0.5) / cell - 0.5, 0, blocks - 1)
+    lower = position.astype(np.intp)
+    return lower, (position - lower).astype(np.float32)
+
+
+def _nan_percentile(values, percentile):
+    """Percentile over the last axis ignoring NaN (nearest rank), NaN where all are NaN.
+
+    ``numpy.nanpercentile`` loops in Python over the other axes; sorting
+    once (NaN sorts last) and picking a rank per row is vectorised.
+    """
+    ordered = np.sort(values, axis=-1)
+    counts = np.isfinite(values).sum(axis=-1)
+    rank = np.round(percentile / 100 * np.maximum(counts - 1, 0)).astype(np.intp)
+    picked = np.take_along_axis(ordered, rank[..., None], axis=-1)[..., 0]
+    return np.where(counts > 0, picked, np.nan)
+
+
+def pixel_noise(image, sky, floor):
+    """Per-channel standard deviation of the pixel noise, robustly, from neighbour differences.
+
+    Differences of horizontally adjacent sky pixels cancel everything that
+    varies slowly (background, aurora, moonlight), so their median absolute
+    deviation / (0.6745 * sqrt(2)) estimates the noise alone. Returns an
+    ndarray of shape (channels,), float32, each at least ``floor`` (half a
+    count: JPEG compression can flatten a dark sky to a single value).
+    """
+    step = max(1, image.shape[0] // 512)
+    rows = image[::step]
+    both = sky[::step, 1:] & sky[::step, :-1]
+    differences = (rows[:, 1:] - rows[:, :-1])[both]
+    if len(differences) < 16:
+        return np.full(image.shape[2], floor, np.float32)
+    deviation = np.median(np.abs(differences - np.median(differences, axis=0)), axis=0)
+    return np.maximum(1.4826 * deviation / np.sqrt(2), floor).astype(np.float32)
+
+
+def normalize_frame(image, sky, quantum, method="background"):
+    """What the model sees of a frame: excess over the sky's background in units of the pixel noise.
+
+    Parameters
+    ----------
+    image : ndarray of shape (rows, cols, 3), float32
+        The frame in [0, 1] (``scale_counts``).
+    sky : ndarray of shape (rows, cols), bool
+    quantum : float
+        One count of the frame in these units (1/255 for 8-bit frames), the
+        smallest noise level believed.
+    method : {"background", "none"}
+        ``"none"`` returns ``image`` unchanged: for training images that are
+        patches themselves and have no sky around them to estimate a
+        background from.
+
+    Returns
+    -------
+    normalized : ndarray of shape (rows, cols, 3), float32
+        ``asinh((image - background) / (noise * NORMALIZE_SOFTENING))`` per
+        channel (``sky_background``, ``pixel_noise``), 0 outside the sky.
+
+    Notes
+    -----
+    The result does not change when a frame is made brighter or darker, or
+    its colour balance changes, or a smooth glow (moon, twilight, haze,
+    horizon) is added: only local structure above the sky's noise remains,
+    which is what aurora is. P and U frames taken in different conditions
+    then differ in their aurora, not in their sky.
+    """
+    if method == "none":
+        return image
+    if method != "background":
+        raise ValueError(f"Invalid method: expected one of {NORMALIZATIONS}, received {method!r}")
+    background = sky_background(image, sky)
+    noise = pixel_noise(image, sky, 0.5 * quantum)
+    normalized = background  # reused in place: one full-size temporary, not three
+    np.subtract(image, background, out=normalized)
+    normalized /= noise * np.float32(NORMALIZE_SOFTENING)
+    np.arcsinh(normalized, out=normalized)
+    normalized[~sky] = 0.0
+    return normalized
+
+
+class Prepared(NamedTuple):
+    """A frame ready for the model.
+
+    ``image`` (rows, cols, 3) float32 in [0, 1], for pictures and the mask
+    refinement; ``model_input`` (rows, cols, 3) float32, what the model's
+    patches are cut from; ``sky`` (rows, cols) bool; ``sky_found``, False
+    when no fisheye border was found and the whole frame counts as sky;
+    ``quantum``, one count of the frame in ``image`` units.
+    """
+
+    image: np.ndarray
+    model_input: np.ndarray
+    sky: np.ndarray
+    sky_found: bool
+    quantum: float
+
+
+def frame_range(full_scale, preprocessing):
+    """The (low, high) counts a frame of this full scale is scaled by under ``preprocessing``.
+
+    The camera's range when the frame has the full scale the model was
+    trained on, else the frame's own full scale (``0`` to 255 or 65535).
+    """
+    camera_range = preprocessing.get("camera_range")
+    if camera_range and preprocessing.get("full_scale") == full_scale:
+        return tuple(camera_range)
+    return 0.0, float(full_scale)
+
+
+def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
+    """Scale, find the sky of, and normalize one frame, as the model was trained (``Prepared``).
+
+    Parameters
+    ----------
+    pixels : ndarray of shape (rows, cols, 3), float32
+        Counts (``Frame.pixels``).
+    full_scale : float
+        ``Frame.full_scale``.
+    preprocessing : dict
+        The model's settings (``LEGACY_PREPROCESSING`` keys): ``normalize``,
+        ``camera_range`` and ``full_scale``.
+    field_of_view : ndarray of shape (rows, cols), bool, optional
+        The user's sky (``read_field_of_view``); default: ``sky_mask``.
+    """
+    low, high = frame_range(full_scale, preprocessing)
+    image = scale_counts(pixels, low, high)
+    if field_of_view is not None:
+        if field_of_view.shape != image.shape[:2]:
+            raise DataError(f"the field of view is {field_of_view.shape[0]}x{field_of_view.shape[1]} but the "
+                            f"frame is {image.shape[0]}x{image.shape[1]}")
+        sky, found = field_of_view, True
+    else:
+        sky = sky_mask(image)
+        found = not sky.all()
+    quantum = 1.0 / (high - low)
+    model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"))
+    return Prepared(image, model_input, sky, found, quantum)
+
+
+def import_keras(show_backend_logs=False):
+    """Import Keras for a command-line tool, without the backend's start-up chatter.
+
+    TensorFlow prints C++ log lines to the terminal when it loads (oneDNN
+    notes, "Could not find cuda drivers", and on a machine without a GPU an
+    ``E0000 ... failed call to cuInit`` that reads like a failure). Some of
+    them are written before its logging reads ``TF_CPP_MIN_LOG_LEVEL``, so
+    the import runs with the process's standard error sent to a temporary
+    file, replayed only if the import fails. ``show_backend_logs`` (the
+    ``--backend_logs`` flag, or ``TF_CPP_MIN_LOG_LEVEL`` set by the user)
+    leaves everything as the backend prints it.
+    """
+    import os
+    import tempfile
+
+    if show_backend_logs or "keras" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        import keras
+
+        return keras
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # later messages, such as the cuInit error, too
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            import keras
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return keras
+
+
+# ------------------------------------------------------------ the model: saving, loading, feeding
+
+# The member of a ``.keras`` file that holds its preprocessing; Keras ignores
+# it, so ``keras.models.load_model`` still reads the file without this project.
+PREPROCESSING_MEMBER = "aurora_preprocessing.json"
+
+
+def save_model(model, path, preprocessing):
+    """Save ``model`` to the ``.keras`` file ``path`` with its ``preprocessing`` inside.
+
+    The file is written under a temporary name and renamed, so an
+    interrupted save never leaves a file that looks complete.
+    """
+    import zipfile
+
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.partial.keras")
+    model.save(partial)
+    with zipfile.ZipFile(partial, "a") as archive:
+        archive.writestr(PREPROCESSING_MEMBER, json.dumps(preprocessing, indent=2))
+    partial.replace(path)
+
+
+def load_model(path):
+    """Load a ``.keras`` patch classifier and the preprocessing it was trained with.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A ``.keras`` file made of stock Keras layers (``train.py``'s, or
+        any model with the same input and output).
+
+    Returns
+    -------
+    model : keras.Model
+        Input ``(None, patch, patch, 3)`` float32, output ``(None, 1)``: one
+        logit per patch, > 0 = background.
+    preprocessing : dict
+        What ``prepare_frame`` needs; ``LEGACY_PREPROCESSING`` for a file
+        without it (a model saved before preprocessing existed, or by hand):
+        frames divided by their full scale, not normalized.
+
+    Raises
+    ------
+    UsageError
+        The file is missing, is not ``.keras``, cannot be loaded, has the
+        wrong input or output shape, or needs a newer version of this
+        project. The message names the file.
+    """
+    import zipfile
+
+    path = check_model_path(path)
+    import keras
+
+    try:
+        # compile=False: inference needs no loss, and the training loss is a
+        # custom object that only resolves where PULoss is imported.
+        model = keras.models.load_model(path, compile=False)
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            preprocessing = (json.loads(archive.read(PREPROCESSING_MEMBER)) if PREPROCESSING_MEMBER in names
+                             else dict(LEGACY_PREPROCESSING))
+    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load model {path}: {first_line}") from None
+    if preprocessing.get("version", 0) > PREPROCESSING_VERSION:
+        raise UsageError(f"model {path} was saved by a newer version of this project (preprocessing version "
+                         f"{preprocessing['version']}); update the project to use it")
+    patch_size_of(model, name=path)
+    output_shape = model.output_shape
+    if not (isinstance(output_shape, tuple) and len(output_shape) == 2 and output_shape[1] == 1):
+        raise UsageError(f"invalid model {path}: expected output shape (None, 1), received {output_shape}")
+    return model, preprocessing
+
+
+def check_model_path(path):
+    """Return ``path`` as a Path if it is an existing ``.keras`` file, else raise UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file not found: {path}")
+    if path.suffix != ".keras":
+        raise UsageError(f"invalid model file {path}: expected a .keras file, received '{path.suffix}'")
+    return path
+
+
+def patch_size_of(model, name="model"):
+    """Return the patch side in pixels read from the model's input shape.
+
+    Parameters
+    ----------
+    model : keras.Model
+        Must have input shape ``(None, patch, patch, 3)`` with ``patch`` an int.
+    name : str or Path
+        What to call the model in the error message (its file).
+
+    Raises
+    ------
+    UsageError
+        If the input shape is anything else (several inputs, unknown or
+        non-square size, not 3 channels).
+    """
+    shape = model.input_shape
+    valid = (
+        isinstance(shape, tuple)
+        and len(shape) == 4
+        and isinstance(shape[1], int)
+        and shape[1] > 0
+        and shape[1] == shape[2]
+        and shape[3] == 3
+    )
+    if not valid:
+        raise UsageError(f"invalid model {name}: expected input shape (None, patch, patch, 3), received {shape}")
+    return shape[1]
+
+
+# One compiled forward pass per loaded model, made for the Keras backend in
+# use. The functions hold only a weak reference to the model, so that the
+# cache entry (and the compiled graph) goes away with it.
+_FORWARD_PASSES = weakref.WeakKeyDictionary()
+
+
+def _forward_pass(model):
+    """A function from a (n, p, p, 3) float32 array to the model's (n, 1) logits in inference mode."""
+    forward = _FORWARD_PASSES.get(model)
+    if forward is not None:
+        return forward
+    import keras
+
+    model_ref = weakref.ref(model)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # A tf.function with a None batch dimension is traced once for every
+        # batch size; it measured 1.1x to 1.2x faster than predict_on_batch.
+        patch_size = patch_size_of(model)
+        spec = tf.TensorSpec((None, patch_size, patch_size, 3), tf.float32)
+        forward = tf.function(lambda patches: model_ref()(patches, training=False), input_signature=[spec])
+    elif backend == "jax":
+        import jax
+
+        # A jitted stateless call; predict_logits pads batches to a few
+        # sizes, so it compiles a few times, not once per batch size.
+        jitted = jax.jit(lambda trainable, other, patches: model_ref().stateless_call(
+            trainable, other, patches, training=False)[0])
+
+        def forward(patches):
+            model = model_ref()
+            return jitted([v.value for v in model.trainable_variables],
+                          [v.value for v in model.non_trainable_variables], patches)
+    else:
+        def forward(patches):
+            return keras.ops.convert_to_numpy(model_ref().predict_on_batch(patches))
+    _FORWARD_PASSES[model] = forward
+    return forward
+
+
+def predict_logits(model, patches, batch_size=256):
+    """Feed patches to the model in inference mode and return their logits.
+
+    This is the one place where a trained model is called, by training
+    (validation, the prior) and segmentation alike, on every Keras backend.
+
+    Parameters
+    ----------
+    model : keras.Model
+        Input ``(None, patch, patch, 3)``, output ``(None, 1)``.
+    patches : ndarray of shape (n, patch, patch, 3), float32
+        Prepared as the model was trained (``prepare_frame``).
+    batch_size : int
+        Patches per model call; bounds the activation memory.
+
+    Returns
+    -------
+    logits : ndarray of shape (n,), float32
+        One logit per patch; > 0 means background, P(aurora) = sigmoid(-logit).
+    """
+    import keras
+
+    forward = _forward_pass(model)
+    # Compiled backends (JAX) compile once per batch shape: a short batch is
+    # padded to the next power of two, so that few shapes ever occur.
+    pad = keras.backend.backend() == "jax"
+    logits = np.empty(len(patches), dtype=np.float32)
+    for start in range(0, len(patches), batch_size):
+        batch = np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)
+        count = len(batch)
+        if pad and count < batch_size:
+            padded = min(batch_size, 1 << (count - 1).bit_length())
+            batch = np.concatenate([batch, np.zeros((padded - count, *batch.shape[1:]), np.float32)])
+        # (batch, 1) logits -> (batch,)
+        logits[start : start + count] = np.asarray(forward(batch), dtype=np.float32).reshape(-1)[:count]
+    return logits
+
+
 # ------------------------------------------------------------ patches
 
 def _check_count(value, argument):
@@ -735,16 +1396,220 @@ def get_data(folder, patch_size, n_per_image, rng, quiet=False):
     return np.concatenate(patches)
 
 
-def data_shuffle(X, Y, seed):
+def sample_patches(image, sky, patch_size, n, rng):
+    """``n`` random patches of ``image`` whose centre pixel is sky, drawn with replacement.
+
+    Parameters
+    ----------
+    image : ndarray of shape (rows, cols, channels)
+        At least ``patch_size`` in both axes.
+    sky : ndarray of shape (rows, cols), bool
+    patch_size, n : int
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    patches : ndarray of shape (n, patch_size, patch_size, channels), float32
+        Patches lie wholly inside the frame, so their centres are at least
+        ``patch_size // 2`` pixels from its edges; when no sky pixel is that
+        far in, any position is used.
+    centres : ndarray of shape (n, 2), int
+        (row, col) of each patch's centre pixel.
+    """
+    rows, cols = image.shape[:2]
+    centre = patch_size // 2
+    allowed = sky[centre:rows - patch_size + 1 + centre, centre:cols - patch_size + 1 + centre]
+    tops, lefts = np.nonzero(allowed)
+    if tops.size == 0:
+        tops, lefts = np.nonzero(np.ones((rows - patch_size + 1, cols - patch_size + 1), bool))
+    chosen = rng.integers(0, tops.size, size=n)
+    windows = np.lib.stride_tricks.sliding_window_view(image, (patch_size, patch_size), axis=(0, 1))
+    patches = windows[tops[chosen], lefts[chosen]].transpose(0, 2, 3, 1).astype(np.float32)
+    return patches, np.stack([tops[chosen] + centre, lefts[chosen] + centre], axis=1)
+
+
+def sky_conditions(prepared):
+    """A short description of a frame's sky, to compare frames: ndarray of shape (6,), float32.
+
+    The log median brightness of the sky per channel, the log of its
+    brightest part of the background over its darkest (gradients: moon,
+    twilight, horizon glow), the fraction of the sky near saturation, and
+    the fraction of sky pixels more than 3 noise levels above the
+    background (stars, clouds lit from below, aurora).
+    """
+    image, sky = prepared.image, prepared.sky
+    pixels = image[sky][::17] if sky.any() else image.reshape(-1, 3)[::17]
+    level = np.median(pixels, axis=0)
+    brightness = pixels.mean(axis=1)
+    spread = np.log((np.percentile(brightness, 95) + 1e-3) / (np.percentile(brightness, 5) + 1e-3))
+    saturated = np.mean(pixels.max(axis=1) >= 0.99)
+    bright = np.mean(prepared.model_input[sky][::17].max(axis=1) > np.arcsinh(1.0)) if sky.any() else 0.0
+    return np.array([*np.log(level + 1e-3), spread, saturated, bright], np.float32)
+
+
+class PatchSet(NamedTuple):
+    """Patches of many frames: ``patches`` (n, p, p, 3) float32 cut from the prepared frames,
+    ``frame_of`` (n,) int the frame of each patch, ``centres`` (n, 2) int its centre (row, col)
+    in that frame, ``names`` the frames' names in reading order, ``conditions`` (frames, 6) their
+    ``sky_conditions`` and ``skyless`` the names of frames in which no fisheye border was found."""
+
+    patches: np.ndarray
+    frame_of: np.ndarray
+    centres: np.ndarray
+    names: list
+    conditions: np.ndarray
+    skyless: list
+
+
+def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=None, quiet=False, desc="patches"):
+    """About ``total`` random patches with sky centres, from every frame of the files ``paths``.
+
+    Parameters
+    ----------
+    paths : list of pathlib.Path
+        Frame files (``list_images``); multi-frame files give patches from
+        each of their frames.
+    patch_size : int
+    total : int
+        Patches wanted: ``ceil(total / files)`` per file, shared among its
+        frames, so a file of many frames does not outweigh the others.
+    rng : numpy.random.Generator
+    preprocessing : dict
+        How frames are prepared (``prepare_frame``).
+    field_of_view : ndarray of shape (rows, cols), bool, optional
+    quiet : bool
+        No progress bar.
+    desc : str
+        Progress bar label.
+
+    Returns
+    -------
+    PatchSet
+
+    Raises
+    ------
+    DataError
+        No frame could be used. Unreadable frames and frames smaller than the
+        patch are reported with ``warnings.warn`` and skipped, so that one bad
+        frame in thousands is not fatal.
+
+    Notes
+    -----
+    Frames are read and prepared one at a time and only their patches are
+    kept: a folder of 2,000 480x480 frames costs its patches of memory, not
+    the 5.5 GB the frames would take as float32.
+    """
+    from tqdm.auto import tqdm
+
+    patch_size = _check_count(patch_size, "patch_size")
+    per_file = max(1, math.ceil(_check_count(total, "total") / len(paths)))
+    patches, frame_of, centres, names, conditions, skyless = [], [], [], [], [], []
+    for path in tqdm(paths, desc=desc, unit="file", disable=quiet):
+        try:
+            frames = [frame for frame in read_frames(path) if _usable(frame)]
+        except DataError as error:
+            warnings.warn(f"skipping {error}", stacklevel=2)
+            continue
+        per_frame = max(1, math.ceil(per_file / max(1, len(frames))))
+        for frame in frames:
+            rows, cols = frame.pixels.shape[:2]
+            if rows < patch_size or cols < patch_size:
+                warnings.warn(f"skipping {frame.source}: image is {rows}x{cols} pixels, smaller than the "
+                              f"{patch_size}x{patch_size} patch", stacklevel=2)
+                continue
+            prepared = prepare_frame(frame.pixels, frame.full_scale, preprocessing, field_of_view)
+            cut, where = sample_patches(prepared.model_input, prepared.sky, patch_size, per_frame, rng)
+            patches.append(cut)
+            centres.append(where)
+            frame_of.append(np.full(per_frame, len(names)))
+            names.append(frame.name)
+            conditions.append(sky_conditions(prepared))
+            if not prepared.sky_found and min(rows, cols) > 4 * patch_size:
+                skyless.append(frame.name)
+    if not patches:
+        raise DataError(f"{paths[0].parent}: none of its {len(paths)} files gave a frame usable "
+                        f"for {patch_size}x{patch_size} patches")
+    patches, frame_of, centres = np.concatenate(patches), np.concatenate(frame_of), np.concatenate(centres)
+    if len(patches) > total:
+        keep = np.sort(rng.choice(len(patches), total, replace=False))
+        patches, frame_of, centres = patches[keep], frame_of[keep], centres[keep]
+    return PatchSet(patches, frame_of, centres, names, np.stack(conditions), skyless)
+
+
+def _usable(frame):
+    if frame.error:
+        warnings.warn(f"skipping {frame.error}", stacklevel=3)
+        return False
+    return True
+
+
+def survey_frames(paths, patch_size, files=40):
+    """What training needs to know of its frames before it reads them all: their scale and size.
+
+    Reads every frame of up to ``files`` files spread evenly over ``paths``.
+
+    Returns
+    -------
+    survey : dict
+        ``full_scale`` (of most frames), ``camera_range`` (``estimate_camera_range``
+        over the frames of that full scale) and ``min_side`` (the smallest
+        frame side seen).
+    """
+    chosen = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(files, len(paths))).astype(int))]
+    by_scale, min_side = {}, None
+    for path in chosen:
+        try:
+            for frame in read_frames(path):
+                if frame.pixels is None:
+                    continue
+                by_scale.setdefault(frame.full_scale, []).append(frame.pixels[::3, ::3])
+                side = min(frame.pixels.shape[:2])
+                min_side = side if min_side is None else min(min_side, side)
+        except DataError:
+            continue  # frame_patches reports it
+    if not by_scale:
+        return {"full_scale": 255.0, "camera_range": [0.0, 255.0], "min_side": patch_size}
+    full_scale = max(by_scale, key=lambda scale: len(by_scale[scale]))
+    return {"full_scale": full_scale, "camera_range": list(estimate_camera_range(by_scale[full_scale], full_scale)),
+            "min_side": min_side}
+
+
+PU_LABELS = (1.0, -1.0)
+PNU_LABELS = (1.0, -1.0, 0.0)
+
+
+def check_labels(labels, allowed=PU_LABELS):
+    """Refuse labels outside the convention, before they reach a loss that cannot refuse them.
+
+    ``PULoss`` runs inside a compiled graph and cannot raise: labels other
+    than +1 (positive) and -1 (unlabeled) are silently ignored there, and
+    0/1 labels make every batch look as if it had no unlabeled sample.
+
+    Raises
+    ------
+    ValueError
+        A label outside ``allowed``, naming it.
+    """
+    values = np.unique(np.asarray(labels, dtype=np.float64))
+    wrong = [value for value in values if value not in allowed]
+    if wrong:
+        names = "+1 positive, -1 unlabeled" if len(allowed) == 2 else "+1 positive, -1 negative, 0 unlabeled"
+        raise ValueError(f"Invalid labels: expected {names}, received {', '.join(f'{v:g}' for v in wrong[:5])}")
+
+
+def data_shuffle(X, Y, seed, allowed=PU_LABELS):
     """The same reproducible random permutation of samples and labels (the seed's name).
 
     Parameters
     ----------
     X : ndarray of shape (n, ...)
     Y : ndarray of shape (n, ...)
-        Labels: +1 positive, -1 unlabeled (PNU: -1 negative, 0 unlabeled).
+        Labels: +1 positive, -1 unlabeled (PNU: ``allowed=PNU_LABELS``, -1
+        negative, 0 unlabeled); others are refused (``check_labels``).
     seed : int
         Same seed, same permutation.
+    allowed : tuple of float
+        The label values accepted.
 
     Returns
     -------
@@ -755,6 +1620,7 @@ def data_shuffle(X, Y, seed):
     if len(X) != len(Y):
         raise ValueError(f"Invalid arrays: expected as many labels as samples, "
                          f"received {len(X)} samples and {len(Y)} labels")
+    check_labels(Y, allowed)
     order = np.random.default_rng(seed).permutation(len(X))
     return X[order], Y[order]
 
@@ -822,115 +1688,100 @@ def _check_fraction(value, argument):
     return float(value)
 
 
-@functools.cache
-def _batch_classes():
-    """The PyDataset subclasses, built on first use so that importing data.py does not import Keras.
+class _Batches:
+    """Batches drawn from several labelled patch streams in fixed numbers per batch.
 
-    Reading images and drawing frames need no TensorFlow, whose import takes
-    seconds; only training does.
+    The last stream (U) defines the epoch: each epoch visits its samples
+    once in a fresh order. The other streams cycle through reshuffled
+    permutations for as long as training lasts. Every batch is a pure
+    function of (seed, epoch, batch index), so the batches are reproducible.
+    ``batches[i]`` is batch i of the current epoch (``epoch``); iterating
+    yields batches epoch after epoch without end, which is what
+    ``model.fit(iter(batches), steps_per_epoch=len(batches))`` consumes on
+    every Keras backend.
     """
-    import keras
 
-    class _Batches(keras.utils.PyDataset):
-        """Batches drawn from several labelled patch streams in fixed numbers per batch.
+    def __init__(self, arrays, labels, counts, seed, augment, steps_per_epoch):
+        self.arrays, self.counts = arrays, counts
+        # (batch,) labels, the same for every batch: streams in order.
+        self.labels = np.concatenate([np.full(count, label, np.float32) for label, count in zip(labels, counts)])
+        self.seed, self.augment = int(seed), bool(augment)
+        if steps_per_epoch is None:
+            self.steps = math.ceil(len(arrays[-1]) / counts[-1])
+        else:
+            self.steps = _check_count(steps_per_epoch, "steps_per_epoch")
+        self.epoch = 0
+        self._epoch_order = (None, None)
 
-        The last stream (U) defines the epoch: each epoch visits its samples
-        once in a fresh order. The other streams cycle through reshuffled
-        permutations for as long as training lasts. Every batch is a pure
-        function of (seed, epoch, batch index), so the batches are
-        reproducible and safe for Keras's worker threads.
-        """
+    def __len__(self):
+        return self.steps
 
-        def _setup(self, arrays, labels, counts, seed, augment, steps_per_epoch):
-            self.arrays, self.counts = arrays, counts
-            # (batch,) labels, the same for every batch: streams in order.
-            self.labels = np.concatenate([np.full(count, label, np.float32) for label, count in zip(labels, counts)])
-            self.seed, self.augment = int(seed), bool(augment)
-            if steps_per_epoch is None:
-                self.steps = math.ceil(len(arrays[-1]) / counts[-1])
-            else:
-                self.steps = _check_count(steps_per_epoch, "steps_per_epoch")
-            self.epoch = 0
-            self._epoch_order = (None, None)
+    def _unlabeled_order(self):
+        epoch, order = self._epoch_order
+        if epoch != self.epoch:
+            order = np.random.default_rng([self.seed, 1, self.epoch]).permutation(len(self.arrays[-1]))
+            self._epoch_order = (self.epoch, order)
+        return order
 
-        def __len__(self):
-            return self.steps
+    def __getitem__(self, index):
+        if not 0 <= index < self.steps:
+            raise IndexError(f"batch index {index} out of range for {self.steps} batches")
+        parts = []
+        for stream, (array, count) in enumerate(zip(self.arrays[:-1], self.counts[:-1])):
+            start = (self.epoch * self.steps + index) * count
+            parts.append(array[_stream_indices(self.seed, stream, len(array), start, count)])
+        # The last batch of an epoch wraps to the start of the epoch's
+        # order, so that every batch has the same shape.
+        count = self.counts[-1]
+        positions = np.arange(index * count, (index + 1) * count) % len(self.arrays[-1])
+        parts.append(self.arrays[-1][self._unlabeled_order()[positions]])
+        x = np.concatenate(parts)
+        if self.augment:
+            x = augment_patches(x, np.random.default_rng([self.seed, 2, self.epoch, index]))
+        return x, self.labels
 
-        def _unlabeled_order(self):
-            epoch, order = self._epoch_order
-            if epoch != self.epoch:
-                order = np.random.default_rng([self.seed, 1, self.epoch]).permutation(len(self.arrays[-1]))
-                self._epoch_order = (self.epoch, order)
-            return order
+    def on_epoch_end(self):
+        self.epoch += 1
 
-        def __getitem__(self, index):
-            if not 0 <= index < self.steps:
-                raise IndexError(f"batch index {index} out of range for {self.steps} batches")
-            parts = []
-            for stream, (array, count) in enumerate(zip(self.arrays[:-1], self.counts[:-1])):
-                start = (self.epoch * self.steps + index) * count
-                parts.append(array[_stream_indices(self.seed, stream, len(array), start, count)])
-            # The last batch of an epoch wraps to the start of the epoch's
-            # order, so that every batch has the same shape.
-            count = self.counts[-1]
-            positions = np.arange(index * count, (index + 1) * count) % len(self.arrays[-1])
-            parts.append(self.arrays[-1][self._unlabeled_order()[positions]])
-            x = np.concatenate(parts)
-            if self.augment:
-                x = augment_patches(x, np.random.default_rng([self.seed, 2, self.epoch, index]))
-            return x, self.labels
-
-        def on_epoch_end(self):
-            self.epoch += 1
-
-    class PUSequence(_Batches):
-        """PU batches for ``model.fit``; see ``make_pu_dataset`` for the arguments.
-
-        ``batches[i]`` is ``(x, y)``: x (batch_size, p, p, 3) float32 with the
-        n_p P patches first, y (batch_size,) float32, +1 for P and -1 for U.
-        """
-
-        def __init__(self, P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None, **kwargs):
-            super().__init__(**kwargs)
-            P, U = _check_patches(P, "P"), _check_patches(U, "U")
-            batch_size = _check_batch_size(batch_size, 2)
-            n_p = int(np.clip(round(batch_size * _check_fraction(p_fraction, "p_fraction")), 1, batch_size - 1))
-            self._setup([P, U], [1.0, -1.0], [n_p, batch_size - n_p], seed, augment, steps_per_epoch)
-
-    class PNUSequence(_Batches):
-        """PNU batches for ``model.fit``; see ``make_pnu_dataset`` for the arguments.
-
-        ``batches[i]`` is ``(x, y)``: P patches first, then N, then U; y is
-        +1 for P, -1 for N and 0 for U.
-        """
-
-        def __init__(self, P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, seed=0, augment=True,
-                     steps_per_epoch=None, **kwargs):
-            super().__init__(**kwargs)
-            P, N, U = _check_patches(P, "P"), _check_patches(N, "N"), _check_patches(U, "U")
-            batch_size = _check_batch_size(batch_size, 3)
-            n_p = int(np.clip(round(batch_size * _check_fraction(p_fraction, "p_fraction")), 1, batch_size - 2))
-            n_n = int(np.clip(round(batch_size * _check_fraction(n_fraction, "n_fraction")), 1, batch_size - n_p - 1))
-            self._setup([P, N, U], [1.0, -1.0, 0.0], [n_p, n_n, batch_size - n_p - n_n], seed, augment,
-                        steps_per_epoch)
-
-    for batch_class in (PUSequence, PNUSequence):
-        # Module-level names, so that reprs read data.PUSequence and pickle
-        # (spawned Keras workers) finds the classes through __getattr__.
-        batch_class.__qualname__ = batch_class.__name__
-        batch_class.__module__ = __name__
-    return PUSequence, PNUSequence
+    def __iter__(self):
+        while True:
+            for index in range(self.steps):
+                yield self[index]
+            self.on_epoch_end()
 
 
-def __getattr__(name):
-    # ``data.PUSequence`` is resolved lazily so that importing data.py
-    # (for reading images or drawing frames) never pays for importing Keras.
-    if name in ("PUSequence", "PNUSequence"):
-        return dict(zip(("PUSequence", "PNUSequence"), _batch_classes()))[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class PUBatches(_Batches):
+    """PU batches for ``model.fit``; see ``make_pu_dataset`` for the arguments.
+
+    ``batches[i]`` is ``(x, y)``: x (batch_size, p, p, 3) float32 with the
+    n_p P patches first, y (batch_size,) float32, +1 for P and -1 for U.
+    """
+
+    def __init__(self, P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None):
+        P, U = _check_patches(P, "P"), _check_patches(U, "U")
+        batch_size = _check_batch_size(batch_size, 2)
+        n_p = int(np.clip(round(batch_size * _check_fraction(p_fraction, "p_fraction")), 1, batch_size - 1))
+        super().__init__([P, U], [1.0, -1.0], [n_p, batch_size - n_p], seed, augment, steps_per_epoch)
 
 
-def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None, **kwargs):
+class PNUBatches(_Batches):
+    """PNU batches for ``model.fit``; see ``make_pnu_dataset`` for the arguments.
+
+    ``batches[i]`` is ``(x, y)``: P patches first, then N, then U; y is
+    +1 for P, -1 for N and 0 for U.
+    """
+
+    def __init__(self, P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, seed=0, augment=True,
+                 steps_per_epoch=None):
+        P, N, U = _check_patches(P, "P"), _check_patches(N, "N"), _check_patches(U, "U")
+        batch_size = _check_batch_size(batch_size, 3)
+        n_p = int(np.clip(round(batch_size * _check_fraction(p_fraction, "p_fraction")), 1, batch_size - 2))
+        n_n = int(np.clip(round(batch_size * _check_fraction(n_fraction, "n_fraction")), 1, batch_size - n_p - 1))
+        super().__init__([P, N, U], [1.0, -1.0, 0.0], [n_p, n_n, batch_size - n_p - n_n], seed, augment,
+                         steps_per_epoch)
+
+
+def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None):
     """Training batches for PU learning in which every batch holds both P and U patches.
 
     Parameters
@@ -952,15 +1803,14 @@ def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, step
     steps_per_epoch : int, optional
         Batches per epoch; default ``ceil(n_U / n_u)``, so that one epoch
         visits every U patch once (the last batch wraps around to the start).
-    **kwargs
-        Passed to ``keras.utils.PyDataset`` (``workers``, ``max_queue_size``, ...).
 
     Returns
     -------
-    batches : PUSequence
-        A ``keras.utils.PyDataset``; ``batches[i]`` is ``(x, y)`` with x of
-        shape (batch_size, p, p, 3) float32, the n_p P patches first, and y of
-        shape (batch_size,) float32: +1 for P, -1 for U.
+    batches : PUBatches
+        ``batches[i]`` is ``(x, y)`` with x of shape (batch_size, p, p, 3)
+        float32, the n_p P patches first, and y of shape (batch_size,)
+        float32: +1 for P, -1 for U. Train with
+        ``model.fit(iter(batches), steps_per_epoch=len(batches), epochs=...)``.
 
     Raises
     ------
@@ -976,12 +1826,11 @@ def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, step
     batch is one fancy-indexing gather per stream, far cheaper than a
     training step; the arrays are not copied.
     """
-    PUSequence = _batch_classes()[0]
-    return PUSequence(P, U, batch_size, p_fraction, seed, augment, steps_per_epoch, **kwargs)
+    return PUBatches(P, U, batch_size, p_fraction, seed, augment, steps_per_epoch)
 
 
 def make_pnu_dataset(P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, seed=0, augment=True,
-                     steps_per_epoch=None, **kwargs):
+                     steps_per_epoch=None):
     """Training batches for PNU learning in which every batch holds P, N and U patches.
 
     Parameters
@@ -997,13 +1846,13 @@ def make_pnu_dataset(P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, se
     p_fraction, n_fraction : float
         Shares of P and N, each in (0, 1); each count is rounded and kept at
         >= 1, and U gets the rest (at least 1).
-    seed, augment, steps_per_epoch, **kwargs
+    seed, augment, steps_per_epoch
         As in ``make_pu_dataset``; an epoch visits every U patch once and P
         and N cycle.
 
     Returns
     -------
-    batches : PNUSequence
+    batches : PNUBatches
         ``batches[i]`` is ``(x, y)``, the P patches first, then N, then U;
         y is (batch_size,) float32: +1 for P, -1 for N, 0 for U.
 
@@ -1012,9 +1861,7 @@ def make_pnu_dataset(P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, se
     ValueError
         batch_size below 3, a fraction outside (0, 1), or an empty set.
     """
-    PNUSequence = _batch_classes()[1]
-    return PNUSequence(P, N, U, batch_size, p_fraction, n_fraction, seed, augment, steps_per_epoch,
-                       **kwargs)
+    return PNUBatches(P, N, U, batch_size, p_fraction, n_fraction, seed, augment, steps_per_epoch)
 
 
 # ------------------------------------------------------------ synthetic all-sky frames
@@ -1116,7 +1963,7 @@ def _aurora_structures(rng, u, v, fields, arc_width):
 
 def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0, cloud_cover=0.3,
                     rows=None, cols=None, moon=0.0, haze=0.0, twilight=0.0, town_glow=0.0, obstruction=False,
-                    overlay_text=False, cover=(0.04, 0.55), bit_depth=8, grey=False):
+                    overlay_text=False, cover=(0.04, 0.55), bit_depth=8, grey=False, site=0):
     """Draw one synthetic all-sky camera frame and its true aurora mask.
 
     The frame imitates a colour fisheye camera such as NIPR's at Syowa: a
@@ -1178,6 +2025,9 @@ def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0
     grey : bool
         A monochrome camera behind a 557.7 nm filter: one channel, the
         green one, shape (rows, cols).
+    site : int
+        The camera's site: where its town and obstruction are. They do not
+        move from frame to frame, so they depend on ``site``, not ``seed``.
 
     Returns
     -------
@@ -1294,7 +2144,8 @@ def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0
     conditions = moon or haze or twilight or town_glow or obstruction
     if conditions:
         light, cloud_lighting, star_factor, blocked = _sky_conditions(
-            np.random.default_rng([int(seed), 5]), u, v, r, moon, haze, twilight, town_glow, obstruction)
+            np.random.default_rng([int(seed), 5]), np.random.default_rng([int(site), 7]), u, v, r, moon, haze,
+            twilight, town_glow, obstruction)
         if haze:
             # Haze scatters the aurora's light: a blurred, dimmer aurora.
             emission = (1 - 0.3 * haze) * gaussian(emission, sigma=1 + 0.02 * haze * radius, channel_axis=-1,
@@ -1326,8 +2177,11 @@ def synthetic_frame(size=256, seed=0, aurora=True, brightness=1.0, arc_width=1.0
     return image, mask
 
 
-def _sky_conditions(rng, u, v, r, moon, haze, twilight, town_glow, obstruction):
+def _sky_conditions(rng, site_rng, u, v, r, moon, haze, twilight, town_glow, obstruction):
     """Light that is not aurora, for ``synthetic_frame``: moon, haze, twilight, town lights, obstructions.
+
+    ``rng`` draws what changes from frame to frame (moon, twilight),
+    ``site_rng`` what belongs to the camera's site (town, obstruction).
 
     ``u``, ``v`` and ``r`` are the frame's coordinates in units of the
     circle radius (0 at the zenith, 1 on the horizon). Returns ``light``
@@ -1366,9 +2220,9 @@ def _sky_conditions(rng, u, v, r, moon, haze, twilight, town_glow, obstruction):
         colour = low * np.array([1.0, 0.7, 0.45], np.float32) + (1 - low) * np.array([0.6, 0.75, 1.0], np.float32)
         light += glow[..., None] * colour
     if town_glow:
-        town_angle = rng.uniform(0, 2 * np.pi)
+        town_angle, town_width = site_rng.uniform(0, 2 * np.pi), site_rng.uniform(0.3, 0.8)
         spread = np.angle(np.exp(1j * (angle - town_angle)))  # in (-pi, pi]
-        along = np.exp(-((spread / rng.uniform(0.3, 0.8)) ** 2))
+        along = np.exp(-((spread / town_width) ** 2))
         sodium = np.array([1.0, 0.75, 0.4], np.float32)
         light += (town_glow * 0.35 * np.exp(-(1 - r) / 0.07) * along)[..., None] * sodium
         cloud_lighting += (town_glow * 0.15 * (0.3 + along))[..., None] * sodium
@@ -1376,13 +2230,13 @@ def _sky_conditions(rng, u, v, r, moon, haze, twilight, town_glow, obstruction):
     if obstruction:
         # A building on the horizon: a block of random height over an arc of
         # azimuth, and a thin mast reaching further in.
-        start, width = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.9)
+        start, width, height = site_rng.uniform(0, 2 * np.pi), site_rng.uniform(0.3, 0.9), site_rng.uniform(0.06, 0.16)
         offset = np.mod(angle - start, 2 * np.pi)
-        blocked |= (offset < width) & (r > 1 - rng.uniform(0.06, 0.16))
-        mast_angle = rng.uniform(0, 2 * np.pi)
+        blocked |= (offset < width) & (r > 1 - height)
+        mast_angle, mast_length = site_rng.uniform(0, 2 * np.pi), site_rng.uniform(0.2, 0.4)
         across = np.abs(-u * np.sin(mast_angle) + v * np.cos(mast_angle))
         along_mast = u * np.cos(mast_angle) + v * np.sin(mast_angle)
-        blocked |= (across < 0.012) & (along_mast > 1 - rng.uniform(0.2, 0.4)) & (r <= 1)
+        blocked |= (across < 0.012) & (along_mast > 1 - mast_length) & (r <= 1)
     star_factor = 1 - 0.8 * haze
     return light, cloud_lighting, star_factor, blocked
 
@@ -1529,7 +2383,7 @@ def fraction(text):
     return value
 
 
-def _nonnegative_int(text):
+def nonnegative_int(text):
     """argparse type: an integer >= 0 (numpy seeds cannot be negative)."""
     try:
         value = int(text)
@@ -1560,7 +2414,7 @@ def build_parser():
     parser.add_argument("--size", type=_frame_size, default=256, help="frame side in pixels")
     parser.add_argument("--aurora_fraction", type=fraction, default=0.75,
                         help="share of Unlabelled frames with aurora")
-    parser.add_argument("--seed", type=_nonnegative_int, default=0,
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="random seed; the same seed writes the same files")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier dataset in --out")
     return parser

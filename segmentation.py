@@ -75,12 +75,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import json
 import os
 import sys
 import time
-import weakref
-import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -142,152 +143,6 @@ SUMMARY_COLUMNS = ["file", "rows", "cols", "aurora_fraction", "mean_p_aurora", "
 METRIC_COLUMNS = ["iou", "precision", "recall"]
 
 
-class UsageError(ValueError):
-    """A problem with the command line or its inputs; reported in one line, exit 2."""
-
-
-# ---------------------------------------------------------------------------
-# Model: loading and the one function that feeds it
-# ---------------------------------------------------------------------------
-
-
-def load_model(path):
-    """Load a ``.keras`` patch classifier saved by ``train.py``.
-
-    Parameters
-    ----------
-    path : str or Path
-        A ``.keras`` file made of stock Keras layers.
-
-    Returns
-    -------
-    model : keras.Model
-        Input ``(None, patch, patch, 3)`` float32 RGB in [0, 1], output
-        ``(None, 1)``: one logit per patch, > 0 = background.
-
-    Raises
-    ------
-    UsageError
-        If the file is missing, is not ``.keras``, cannot be loaded, or has
-        the wrong input or output shape. The message names the file.
-    """
-    path = check_model_path(path)
-    # Keeps TensorFlow's C++ start-up chatter off the terminal of a CLI user;
-    # it has no effect when TensorFlow is already imported (e.g. in tests).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    try:
-        # compile=False: inference needs no loss, and the training loss is a
-        # custom object that only resolves where PULoss is imported.
-        model = keras.models.load_model(path, compile=False)
-    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot load model {path}: {first_line}") from None
-    patch_size_of(model, name=path)
-    output_shape = model.output_shape
-    if not (isinstance(output_shape, tuple) and len(output_shape) == 2 and output_shape[1] == 1):
-        raise UsageError(f"invalid model {path}: expected output shape (None, 1), received {output_shape}")
-    return model
-
-
-def check_model_path(path):
-    """Return ``path`` as a Path if it is an existing ``.keras`` file, else raise UsageError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file not found: {path}")
-    if path.suffix != ".keras":
-        raise UsageError(f"invalid model file {path}: expected a .keras file, received '{path.suffix}'")
-    return path
-
-
-def patch_size_of(model, name="model"):
-    """Return the patch side in pixels read from the model's input shape.
-
-    Parameters
-    ----------
-    model : keras.Model
-        Must have input shape ``(None, patch, patch, 3)`` with ``patch`` an int.
-    name : str or Path
-        What to call the model in the error message (its file).
-
-    Returns
-    -------
-    patch_size : int
-
-    Raises
-    ------
-    UsageError
-        If the input shape is anything else (several inputs, unknown or
-        non-square size, not 3 channels).
-    """
-    shape = model.input_shape
-    valid = (
-        isinstance(shape, tuple)
-        and len(shape) == 4
-        and isinstance(shape[1], int)
-        and shape[1] > 0
-        and shape[1] == shape[2]
-        and shape[3] == 3
-    )
-    if not valid:
-        raise UsageError(f"invalid model {name}: expected input shape (None, patch, patch, 3), received {shape}")
-    return shape[1]
-
-
-# A compiled forward pass per loaded model. A tf.function with a None batch
-# dimension is traced once and then reused for every batch size; it measured
-# 1.1x to 1.2x faster than model.predict_on_batch for small models on this
-# 2-core CPU, and about 9x faster than model.predict per batch. XLA
-# (jit_compile=True) measured 2.7x slower for small models, so it is not used.
-_FORWARD_PASSES = weakref.WeakKeyDictionary()
-
-
-def _forward_pass(model):
-    forward = _FORWARD_PASSES.get(model)
-    if forward is None:
-        import tensorflow as tf
-
-        # The function holds only a weak reference, so that the cache entry
-        # (and the traced graph) goes away with the model.
-        model_ref = weakref.ref(model)
-        patch_size = patch_size_of(model)
-        spec = tf.TensorSpec((None, patch_size, patch_size, 3), tf.float32)
-
-        @tf.function(input_signature=[spec])
-        def forward(patches):
-            return model_ref()(patches, training=False)
-
-        _FORWARD_PASSES[model] = forward
-    return forward
-
-
-def predict_logits(model, patches, batch_size=256):
-    """Feed patches to the model in inference mode and return their logits.
-
-    This is the one place where the model is called.
-
-    Parameters
-    ----------
-    model : keras.Model
-        Input ``(None, patch, patch, 3)``, output ``(None, 1)``.
-    patches : ndarray of shape (n, patch, patch, 3), float32
-        RGB in [0, 1].
-    batch_size : int
-        Patches per model call; bounds the activation memory.
-
-    Returns
-    -------
-    logits : ndarray of shape (n,), float32
-        One logit per patch; > 0 means background, P(aurora) = sigmoid(-logit).
-    """
-    forward = _forward_pass(model)
-    logits = np.empty(len(patches), dtype=np.float32)
-    for start in range(0, len(patches), batch_size):
-        batch = np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)
-        # (batch, 1) logits -> (batch,)
-        logits[start : start + len(batch)] = np.asarray(forward(batch), dtype=np.float32).reshape(-1)
-    return logits
 
 
 # ---------------------------------------------------------------------------
@@ -381,7 +236,7 @@ def logits_at(model, windows, rows, cols, batch_size=256):
         stop = start + batch_size
         # Fancy indexing copies only this batch: (batch, patch, patch, 3).
         patches = windows[rows[start:stop], cols[start:stop]]
-        logits[start:stop] = predict_logits(model, patches, batch_size)
+        logits[start:stop] = data.predict_logits(model, patches, batch_size)
     return logits
 
 
@@ -736,7 +591,7 @@ def logit_map(model, image, stride=4, batch_size=256, sky=None, adaptive=False, 
     if fine_stride < 1:
         raise ValueError(f"Invalid fine_stride: expected an int >= 1, received {fine_stride}")
     boundary_logit = threshold_logit(threshold)
-    patch_size = patch_size_of(model)
+    patch_size = data.patch_size_of(model)
     rows, cols = image.shape[:2]
     if sky is None:
         sky = np.ones((rows, cols), dtype=bool)
@@ -784,87 +639,11 @@ def aurora_probability(logits):
 
 
 # ---------------------------------------------------------------------------
-# The fisheye circle
-# ---------------------------------------------------------------------------
-
-
-def sky_mask(image, threshold=0.01, smoothing=5, min_border_fraction=0.005):
-    """Detect the sky (the fisheye circle) of an all-sky frame.
-
-    The border around the circle is black: essentially 0, while even a dark
-    sky has noise and stars of a few hundredths. The border is taken to be
-    the near-zero pixels connected to the frame's edges; the sky is the
-    largest connected region of what remains.
-
-    Parameters
-    ----------
-    image : ndarray of shape (rows, cols, 3), float32
-        RGB in [0, 1].
-    threshold : float
-        A pixel is near zero when the mean of its channel maximum over a
-        ``smoothing`` x ``smoothing`` square is <= this (0.01 ~ 2.5/255).
-    smoothing : int
-        Side of that square in pixels; averaging keeps single dark pixels of
-        a noisy sky out of the border.
-    min_border_fraction : float
-        Edge-connected dark regions smaller than this fraction of the frame
-        are not a border (a dark corner of an ordinary frame).
-
-    Returns
-    -------
-    sky : ndarray of shape (rows, cols), bool
-        True inside the sky. All True when the frame has no border (or when
-        everything is dark, so no sky can be told apart).
-
-    Notes
-    -----
-    Keeping only the largest non-border region drops text and time stamps
-    printed in the black corners. Dark sky connected to the border by
-    near-zero pixels (e.g. below the horizon) is counted as border, which
-    is harmless because such pixels are background anyway. Averaging would
-    move the edge up to ``smoothing // 2`` pixels into the border, so dark
-    pixels that close to the averaged border are added back to it.
-    """
-    from scipy import ndimage
-
-    rows, cols = image.shape[:2]
-    # Arrays are deleted as soon as they are used: a 4096x4096 frame makes
-    # each of them 16 to 64 MB.
-    brightness = image.max(axis=2)  # (rows, cols) float32
-    dark = brightness <= threshold
-    smooth_dark = ndimage.uniform_filter(brightness, size=smoothing, mode="nearest") <= threshold
-    del brightness
-    labels, _ = ndimage.label(smooth_dark)
-    del smooth_dark
-    edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    # A lookup table over labels: cheaper than np.isin, which sorts copies.
-    touches_edge = np.zeros(labels.max() + 1, dtype=bool)
-    touches_edge[edge_labels] = True
-    touches_edge[0] = False  # label 0 is the bright background of ndimage.label
-    border = touches_edge[labels]
-    del labels
-    # Averaging lifts the border pixels next to a bright sky above the
-    # threshold; give back to the border the dark pixels within reach of the
-    # averaging window, so that the edge lands on the circle itself.
-    near_border = ndimage.maximum_filter(border.view(np.uint8), size=smoothing, mode="constant", cval=0)
-    border |= dark & (near_border > 0)
-    del near_border, dark
-    if border.sum() < min_border_fraction * rows * cols:
-        return np.ones((rows, cols), dtype=bool)
-    sky_labels, count = ndimage.label(~border)
-    if count == 0:
-        return np.ones((rows, cols), dtype=bool)
-    sizes = np.bincount(sky_labels.ravel())
-    sizes[0] = 0
-    return sky_labels == np.argmax(sizes)
-
-
-# ---------------------------------------------------------------------------
 # Mask refinement
 # ---------------------------------------------------------------------------
 
 
-def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
+def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255):
     """Move the mask boundary onto the aurora's visible edge with a random walker.
 
     The model calls a patch aurora when aurora lies anywhere in it, so the
@@ -891,6 +670,8 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
         may move.
     tile : int
         Side of the tiles the random walker solves, in pixels (>= 1).
+    quantum : float
+        One count of the frame in ``image`` units (``data.Prepared``).
 
     Returns
     -------
@@ -946,9 +727,9 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
     step = max(1, int(np.sqrt(sky.size / 250_000)))  # a sample of about 250,000 pixels suffices
     sample = image[::step, ::step][sky[::step, ::step]]
     offset = REFINE_DARK_FRACTION * float(np.median(sample.mean(axis=1))) if sample.size else 0.0
-    # Half an 8-bit step at least: on a black sky, one-count steps of an
-    # 8-bit frame would otherwise be huge steps of log brightness.
-    offset = max(offset, 0.5 / 255)
+    # Half a count at least: on a black sky, one-count steps would otherwise
+    # be huge steps of log brightness.
+    offset = max(offset, 0.5 * quantum)
 
     rows, cols = mask.shape
     margin = 2 * patch_size
@@ -989,14 +770,15 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE):
     return refined
 
 
-def segment_frame(model, image, stride=DEFAULT_STRIDE, batch_size=256, threshold=0.5, adaptive=True,
+def segment_frame(model, prepared, stride=DEFAULT_STRIDE, batch_size=256, threshold=0.5, adaptive=True,
                   fine_stride=DEFAULT_FINE_STRIDE, refine=True):
     """Segment one frame.
 
     Parameters
     ----------
     model : keras.Model
-    image : ndarray of shape (rows, cols, 3), float32 in [0, 1]
+    prepared : data.Prepared
+        The frame as the model was trained (``data.prepare_frame``).
     stride, batch_size : int
         See ``logit_map``.
     threshold : float
@@ -1018,20 +800,18 @@ def segment_frame(model, image, stride=DEFAULT_STRIDE, batch_size=256, threshold
         model's output, not changed by ``refine``.
     mask : ndarray of shape (rows, cols), bool
         True = aurora; always False outside the sky.
-    sky : ndarray of shape (rows, cols), bool
-        From ``sky_mask``.
     patches : int
         Patches evaluated.
     """
-    sky = sky_mask(image)
-    logits, patches = logit_map(model, image, stride=stride, batch_size=batch_size, sky=sky, adaptive=adaptive,
-                                threshold=threshold, fine_stride=fine_stride)
+    sky = prepared.sky
+    logits, patches = logit_map(model, prepared.model_input, stride=stride, batch_size=batch_size, sky=sky,
+                                adaptive=adaptive, threshold=threshold, fine_stride=fine_stride)
     p_aurora = aurora_probability(logits)
     p_aurora[~sky] = 0.0
     mask = p_aurora > threshold
     if refine:
-        mask = refine_mask(image, mask, sky, patch_size_of(model))
-    return p_aurora, mask, sky, patches
+        mask = refine_mask(prepared.image, mask, sky, data.patch_size_of(model), quantum=prepared.quantum)
+    return p_aurora, mask, patches
 
 
 # ---------------------------------------------------------------------------
@@ -1054,7 +834,8 @@ def mask_metrics(predicted, truth):
         ``recall`` = TP / (TP + FN), aurora being the positive of the score.
         An empty denominator means there was nothing to get wrong and gives
         1.0: both masks empty -> iou 1.0; nothing predicted -> precision 1.0;
-        no true aurora -> recall 1.0.
+        no true aurora -> recall 1.0. Frames without true aurora are better
+        scored by the fraction of their sky called aurora (``frame_scores``).
     """
     true_positive = np.count_nonzero(predicted & truth)
     false_positive = np.count_nonzero(predicted & ~truth)
@@ -1070,8 +851,33 @@ def mask_metrics(predicted, truth):
     }
 
 
+def frame_scores(predicted, truth, sky):
+    """``summary.csv``'s scores of one frame against its true mask.
+
+    A frame with true aurora gets ``iou``, ``precision`` and ``recall``
+    (``mask_metrics``); a frame without gets ``false_aurora``, the fraction
+    of its sky called aurora. The other keys are None (empty cells), so that
+    the 1.0 of an empty mask predicted empty and the 0.0 of a few false
+    pixels on an aurora-free frame never enter a mean IoU.
+    """
+    scores = {"true_fraction": float(truth[sky].mean()) if sky.any() else 0.0,
+              "iou": None, "precision": None, "recall": None, "false_aurora": None}
+    if truth.any():
+        scores.update(mask_metrics(predicted, truth))
+    else:
+        scores["false_aurora"] = float(predicted[sky].mean()) if sky.any() else 0.0
+    return scores
+
+
+# P(aurora) is drawn with a perceptual colour map: black (0) through red to
+# yellow (1), so brighter means more likely aurora in colour and in grey.
+COLOUR_MAP = "inferno"
+# Aurora in the overlay: magenta, a colour neither aurora nor the sky has.
+MASK_COLOUR = (255, 0, 255)
+
+
 def color_filter(p_aurora):
-    """Colour P(aurora) with matplotlib's ``bwr`` map: blue = aurora, red = background.
+    """P(aurora) as a colour picture through ``COLOUR_MAP``: black = background, yellow = aurora.
 
     Parameters
     ----------
@@ -1080,172 +886,446 @@ def color_filter(p_aurora):
     Returns
     -------
     rgb : ndarray of shape (rows, cols, 3), uint8
-        ``bwr`` applied to P(background) = 1 - P(aurora) (bwr runs blue at 0,
-        white at 0.5, red at 1), through a 256-entry table so that a large
-        frame needs no float RGBA copy.
+        Through a 256-entry table, so that a large frame needs no float RGBA copy.
     """
     import matplotlib
 
-    table = matplotlib.colormaps["bwr"](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]  # (256, 3) uint8
-    index = np.rint((1.0 - np.clip(p_aurora, 0.0, 1.0)) * 255).astype(np.uint8)
-    return table[index]
+    table = matplotlib.colormaps[COLOUR_MAP](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]  # (256, 3) uint8
+    return table[np.rint(np.clip(p_aurora, 0.0, 1.0) * 255).astype(np.uint8)]
 
 
-def overlay(image, colors, alpha=OVERLAY_ALPHA):
-    """Blend a colour filter over a frame.
+def display_image(image, sky):
+    """A frame stretched for the eye: its sky's 1st to 99.5th percentile become 0 and 1.
+
+    Science frames and dark nights fill a small part of [0, 1]; pictures of
+    them are stretched so that the sky is visible. Returns uint8 RGB.
+    """
+    step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / 250_000)))
+    sample = image[::step, ::step][sky[::step, ::step]] if sky.any() else image[::step, ::step].reshape(-1, 3)
+    low, high = np.percentile(sample, [1, 99.5]) if sample.size else (0.0, 1.0)
+    high = max(high, low + 1e-6)
+    shown = np.empty(image.shape, np.uint8)
+    for start in range(0, len(image), 256):  # blocks keep float temporaries small
+        block = slice(start, start + 256)
+        shown[block] = np.rint(np.clip((image[block] - low) / (high - low), 0, 1) * 255)
+    return shown
+
+
+def overlay(shown, mask, alpha=OVERLAY_ALPHA):
+    """The frame with the aurora mask drawn on it: ``MASK_COLOUR`` blended over aurora, its outline solid.
 
     Parameters
     ----------
-    image : ndarray of shape (rows, cols, 3), float32 in [0, 1]
-    colors : ndarray of shape (rows, cols, 3), uint8
+    shown : ndarray of shape (rows, cols, 3), uint8
+        From ``display_image``.
+    mask : ndarray of shape (rows, cols), bool
     alpha : float
-        Weight of the colour filter.
+        Weight of the colour over the aurora.
 
     Returns
     -------
     blended : ndarray of shape (rows, cols, 3), uint8
     """
-    blended = np.empty(colors.shape, dtype=np.uint8)
-    # Blocks of rows keep the float temporaries small on large frames.
-    for start in range(0, len(image), 256):
-        block = slice(start, start + 256)
-        mixed = (1.0 - alpha) * 255.0 * image[block] + alpha * colors[block].astype(np.float32)
-        blended[block] = np.clip(np.rint(mixed), 0, 255)
+    from scipy import ndimage
+
+    blended = shown.copy()
+    colour = np.array(MASK_COLOUR, np.float32)
+    blended[mask] = np.rint((1 - alpha) * shown[mask] + alpha * colour).astype(np.uint8)
+    outline = mask & ~ndimage.binary_erosion(mask, border_value=1)
+    blended[outline] = MASK_COLOUR
     return blended
 
 
-def save_figure(path, image, p_aurora, mask, title=""):
-    """Save the 3-panel figure: Original, Probability, Segmented.
+def save_figure(path, shown, p_aurora, mask, title=""):
+    """Save the 3-panel figure: the frame, P(aurora) with a colour bar, the mask over the frame.
 
     Parameters
     ----------
-    path : Path
+    path : Path or file object
         PNG file to write.
-    image : ndarray of shape (rows, cols, 3), float32 in [0, 1]
+    shown : ndarray of shape (rows, cols, 3), uint8
+        From ``display_image``.
     p_aurora : ndarray of shape (rows, cols), float32 in [0, 1]
     mask : ndarray of shape (rows, cols), bool
         True = aurora.
     title : str
-        Figure title (the frame's name).
+        Figure title (the frame's name and time).
 
     Notes
     -----
     Frames larger than ``FIGURE_MAX_SIDE`` pixels a side are shown
-    subsampled (every ``step``-th pixel); the full-resolution results are
-    in ``mask/`` and ``probability/``.
+    subsampled (every ``step``-th pixel): matplotlib would otherwise make
+    float64 RGBA copies of the whole frame (over 700 MB at 4096x4096). The
+    full-resolution results are in ``mask/`` and ``probability/``.
     """
     # The Figure class with the Agg canvas directly: no pyplot global state,
     # no display needed, and nothing to close.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    # The panels are about 450 pixels wide, so the arrays are subsampled to
-    # at most FIGURE_MAX_SIDE pixels a side first: matplotlib would otherwise
-    # make float64 RGBA copies of the whole frame (over 700 MB at 4096x4096).
     step = max(1, -(-max(mask.shape) // FIGURE_MAX_SIDE))
-    image, p_aurora, mask = image[::step, ::step], p_aurora[::step, ::step], mask[::step, ::step]
+    shown, p_aurora, mask = shown[::step, ::step], p_aurora[::step, ::step], mask[::step, ::step]
     figure = Figure(figsize=(15, 5.2), layout="constrained")
     FigureCanvasAgg(figure)
-    original_axes, probability_axes, mask_axes = figure.subplots(1, 3)
-    original_axes.imshow(image)
-    original_axes.set_title("Original")
-    shown = probability_axes.imshow(1.0 - p_aurora, cmap="bwr", vmin=0.0, vmax=1.0)
-    probability_axes.set_title("Probability")
-    colorbar = figure.colorbar(shown, ax=probability_axes, fraction=0.046, pad=0.04)
-    colorbar.set_ticks([0.0, 1.0], labels=["Aurora", "Background"])
-    mask_axes.imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    mask_axes.set_title("Segmented (white = aurora)")
-    for axes in (original_axes, probability_axes, mask_axes):
+    frame_axes, probability_axes, mask_axes = figure.subplots(1, 3)
+    frame_axes.imshow(shown)
+    frame_axes.set_title("Frame (contrast stretched)")
+    drawn = probability_axes.imshow(p_aurora, cmap=COLOUR_MAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+    probability_axes.set_title("P(aurora)")
+    figure.colorbar(drawn, ax=probability_axes, fraction=0.046, pad=0.04, label="P(aurora)")
+    mask_axes.imshow(overlay(shown, mask))
+    mask_axes.set_title(f"Aurora mask (magenta): {mask.mean():.1%} of the frame")
+    for axes in (frame_axes, probability_axes, mask_axes):
         axes.set_axis_off()
     if title:
         figure.suptitle(title)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
+
+
+# ---------------------------------------------------------------------------
+# Keograms and the night at a glance
+# ---------------------------------------------------------------------------
+
+# Frames more than this many hours apart belong to different nights.
+NIGHT_GAP_HOURS = 3.0
+# A night figure needs at least this many frames with a time.
+NIGHT_MIN_FRAMES = 3
+NORTH = ("up", "down", "left", "right")
+
+
+def zenith_of(sky):
+    """(row, col) of the zenith: the centre of the sky circle (the middle of its bounding box)."""
+    rows, cols = np.nonzero(sky)
+    if rows.size == 0:
+        return (sky.shape[0] - 1) // 2, (sky.shape[1] - 1) // 2
+    return (int(rows.min()) + int(rows.max())) // 2, (int(cols.min()) + int(cols.max())) // 2
+
+
+def keogram_line(array, sky, north="up"):
+    """The north-to-south line of ``array`` through the zenith, north first: shape (n,).
+
+    ``north`` says which side of the frame north is on; the line runs from
+    that edge to the opposite one through ``zenith_of(sky)``, and pixels
+    outside the sky are NaN.
+    """
+    row, col = zenith_of(sky)
+    values = np.where(sky, array.astype(np.float32), np.nan)
+    line = {"up": values[:, col], "down": values[::-1, col],
+            "left": values[row, :], "right": values[row, ::-1]}[north]
+    return np.ascontiguousarray(line)
+
+
+def night_groups(rows):
+    """Summary rows grouped by camera and night: a list of (name, rows in time order).
+
+    A camera is a source folder and frame size; a night ends where two of
+    its frames are more than ``NIGHT_GAP_HOURS`` apart. Rows without a time
+    belong to no night; groups of fewer than ``NIGHT_MIN_FRAMES`` are left out.
+    """
+    cameras = {}
+    for row in rows:
+        if row.get("time"):
+            key = (str(Path(row["file"]).parent), row["rows"], row["cols"])
+            cameras.setdefault(key, []).append(row)
+    groups = []
+    for (folder, rows_, cols_), members in cameras.items():
+        members.sort(key=lambda row: row["time"])
+        night = [members[0]]
+        for row in members[1:]:
+            gap = _parse_time(row["time"]) - _parse_time(night[-1]["time"])
+            if gap > datetime.timedelta(hours=NIGHT_GAP_HOURS):
+                groups.append(night)
+                night = []
+            night.append(row)
+        groups.append(night)
+    named = []
+    for night in groups:
+        if len(night) < NIGHT_MIN_FRAMES:
+            continue
+        camera = Path(night[0]["file"]).parent.name or "frames"
+        start = _parse_time(night[0]["time"]).strftime("%Y%m%d_%H%M")
+        named.append((f"{camera}_{night[0]['cols']}x{night[0]['rows']}_{start}", night))
+    return named
+
+
+def _parse_time(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def format_time(time):
+    """A frame time as ISO 8601 UTC with milliseconds (``2015-10-07T08:23:51.743Z``), or '' when unknown."""
+    if time is None:
+        return ""
+    return time.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def write_night(save_dir, name, night, slices):
+    """One night's figure (``night/<name>.png``) and keogram arrays (``night/<name>_keogram.npz``).
+
+    Parameters
+    ----------
+    save_dir : Path
+    name : str
+        The group's name (``night_groups``).
+    night : list of dict
+        Its summary rows, in time order.
+    slices : dict of str to ndarray of shape (2, n)
+        Each frame's keogram line of P(aurora) and of the mask (``keogram_line``), by output name.
+
+    Notes
+    -----
+    The keograms are drawn against time with each frame's column as wide
+    as the time to the next frame, but never wider than twice the night's
+    median cadence: a gap in the data stays a gap, not a stretched frame.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    times = np.array([_parse_time(row["time"]).replace(tzinfo=None) for row in night], dtype="datetime64[ms]")
+    lines = [slices[row["name"]] for row in night]
+    length = max(line.shape[1] for line in lines)
+    keogram = np.full((2, length, len(lines)), np.nan, np.float32)
+    for k, line in enumerate(lines):
+        keogram[:, : line.shape[1], k] = line
+    fraction = np.array([float(row["aurora_fraction"]) for row in night])
+    folder = Path(save_dir) / "night"
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic(folder / f"{name}_keogram.npz", lambda handle: np.savez_compressed(
+        handle, time=times.astype(str), seconds=times.astype("datetime64[ms]").astype(np.int64) / 1000.0,
+        p_aurora=keogram[0], mask=keogram[1], aurora_fraction=fraction,
+        name=np.array([row["name"] for row in night])))
+
+    cadence = np.median(np.diff(times).astype(np.float64)) if len(times) > 1 else 1000.0
+    widths = np.diff(times).astype(np.float64) if len(times) > 1 else np.array([cadence])
+    widths = np.minimum(np.append(widths, cadence), 2 * cadence).astype("timedelta64[ms]")
+    figure = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(figure)
+    fraction_axes, probability_axes, mask_axes = figure.subplots(3, 1, sharex=True)
+    fraction_axes.plot(times, 100 * fraction, marker=".", lw=0.8)
+    fraction_axes.set_ylabel("sky called aurora (%)")
+    fraction_axes.set_title(f"{name}: {len(night)} frames")
+    for axes, values, label in ((probability_axes, keogram[0], "P(aurora)"), (mask_axes, keogram[1], "mask")):
+        for k in range(len(times)):
+            axes.pcolormesh(np.array([times[k], times[k] + widths[k]]), np.arange(length + 1), values[:, k:k + 1],
+                            cmap=COLOUR_MAP, vmin=0, vmax=1, shading="flat")
+        axes.set_ylim(length, 0)
+        axes.set_ylabel(f"keogram of {label}\n(north at top)")
+    mask_axes.set_xlabel("time (UT)")
+    _atomic(folder / f"{name}.png", lambda handle: figure.savefig(handle, dpi=100, format="png"))
+
+
+# ---------------------------------------------------------------------------
+# Writing outputs: every file whole or not at all
+# ---------------------------------------------------------------------------
+
+OUTPUT_KINDS = ("mask", "probability", "color_filter", "overlay", "figure")
+DEFAULT_OUTPUTS = ("mask", "color_filter", "overlay", "figure")
+OUTPUT_SUFFIX = {"probability": ".npy"}
+
+
+def _atomic(path, write):
+    """Write a file through ``write(handle)`` under a temporary name, then rename it into place.
+
+    A run killed at any moment (even with SIGKILL) leaves either the whole
+    file or none, never a file that looks complete but is not.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _save_png(path, array):
     from PIL import Image
 
-    Image.fromarray(array).save(path)
+    _atomic(path, lambda handle: Image.fromarray(array).save(handle, format="png"))
 
 
-def write_outputs(save_dir, stem, image, p_aurora, mask, save_probability=False):
-    """Write the per-frame outputs of one frame into ``save_dir``.
+def output_path(save_dir, kind, name):
+    """Where the ``kind`` output of the frame ``name`` goes (``name`` may hold sub-folders)."""
+    return Path(save_dir) / kind / f"{name}{OUTPUT_SUFFIX.get(kind, '.png')}"
+
+
+def write_outputs(save_dir, name, image, sky, p_aurora, mask, outputs=DEFAULT_OUTPUTS, title=""):
+    """Write the chosen outputs of one frame into ``save_dir``, each file atomically.
 
     Parameters
     ----------
     save_dir : Path
-    stem : str
-        The frame's file name without suffix.
+    name : str
+        The frame's output name.
     image : ndarray of shape (rows, cols, 3), float32 in [0, 1]
+    sky : ndarray of shape (rows, cols), bool
     p_aurora : ndarray of shape (rows, cols), float32 in [0, 1]
     mask : ndarray of shape (rows, cols), bool
         True = aurora.
-    save_probability : bool
-        Also write ``probability/<stem>.npy``.
+    outputs : sequence of str
+        Kinds of ``OUTPUT_KINDS``: ``mask`` (uint8 PNG, 255 = aurora),
+        ``probability`` (float32 ``.npy`` of P(aurora)), ``color_filter``
+        (P(aurora) through ``COLOUR_MAP``), ``overlay`` (the frame with the
+        mask drawn on it), ``figure`` (``save_figure``).
+    title : str
+        Title of the figure.
     """
-    save_dir = Path(save_dir)
-    _save_png(save_dir / "mask" / f"{stem}.png", np.where(mask, 255, 0).astype(np.uint8))
-    if save_probability:
-        np.save(save_dir / "probability" / f"{stem}.npy", p_aurora.astype(np.float32))
-    colors = color_filter(p_aurora)
-    _save_png(save_dir / "color_filter" / f"{stem}.png", colors)
-    _save_png(save_dir / "overlay" / f"{stem}.png", overlay(image, colors))
-    save_figure(save_dir / "figure" / f"{stem}.png", image, p_aurora, mask, title=stem)
+    for kind in outputs:
+        output_path(save_dir, kind, name).parent.mkdir(parents=True, exist_ok=True)
+    if "mask" in outputs:
+        _save_png(output_path(save_dir, "mask", name), np.where(mask, 255, 0).astype(np.uint8))
+    if "probability" in outputs:
+        _atomic(output_path(save_dir, "probability", name), lambda handle: np.save(handle, p_aurora.astype(np.float32)))
+    if "color_filter" in outputs:
+        _save_png(output_path(save_dir, "color_filter", name), color_filter(p_aurora))
+    if "overlay" in outputs or "figure" in outputs:
+        shown = display_image(image, sky)
+        if "overlay" in outputs:
+            _save_png(output_path(save_dir, "overlay", name), overlay(shown, mask))
+        if "figure" in outputs:
+            _atomic(output_path(save_dir, "figure", name),
+                    lambda handle: save_figure(handle, shown, p_aurora, mask, title=title or name))
 
 
-def planned_outputs(save_dir, stems, save_probability=False):
-    """Return every file a run would write, ``summary.csv`` included.
+# ---------------------------------------------------------------------------
+# Frames in memory: the Python entry point
+# ---------------------------------------------------------------------------
+
+
+def segment_arrays(model, frames, preprocessing=None, full_scale=None, field_of_view=None, **settings):
+    """Segment frames already in memory, such as an asilib imager's ``(time, rows, cols)`` array.
 
     Parameters
     ----------
-    save_dir : Path
-    stems : list of str
-    save_probability : bool
+    model : keras.Model or str or Path
+        A model, or a ``.keras`` file (``data.load_model``).
+    frames : ndarray of shape (time, rows, cols) or (time, rows, cols, 3)
+        Counts as the camera recorded them: uint8, uint16 or float (not
+        scaled to [0, 1]); frames of one camera are scaled exactly as its
+        files are (``data.frame_range``).
+    preprocessing : dict, optional
+        The model's (``data.load_model``); needed when ``model`` is a model
+        object that was trained by ``train.py``.
+    full_scale : float, optional
+        Full scale of the counts; default from the dtype (``data.full_scale_of``),
+        and for float counts the full scale the model was trained on.
+    field_of_view : ndarray of shape (rows, cols), bool, optional
+        The sky; default: found in each frame (``data.sky_mask``).
+    **settings
+        ``segment_frame``'s keywords: ``stride``, ``adaptive``, ``refine``, ...
 
     Returns
     -------
-    paths : list of Path
+    result : dict
+        ``p_aurora`` (time, rows, cols) float32, ``mask`` (time, rows, cols)
+        bool and ``aurora_fraction`` (time,) float64, the fraction of each
+        frame's sky that is aurora.
+
+    Examples
+    --------
+    >>> import asilib.asi  # doctest: +SKIP
+    >>> times, images = asilib.asi.themis("gill", time_range=(t0, t1)).data  # doctest: +SKIP
+    >>> result = segment_arrays("Results/model.keras", images)  # doctest: +SKIP
     """
-    save_dir = Path(save_dir)
-    kinds = [(kind, ".png") for kind in OUTPUT_KINDS]
-    if save_probability:
-        kinds.append(("probability", ".npy"))
-    paths = [save_dir / kind / f"{stem}{suffix}" for stem in stems for kind, suffix in kinds]
-    paths.append(save_dir / "summary.csv")
-    return paths
+    if isinstance(model, (str, Path)):
+        model, preprocessing = data.load_model(model)
+    preprocessing = dict(data.LEGACY_PREPROCESSING) if preprocessing is None else preprocessing
+    frames = np.asarray(frames)
+    if frames.ndim not in (3, 4) or (frames.ndim == 4 and frames.shape[-1] != 3):
+        raise ValueError(f"Invalid frames: expected shape (time, rows, cols) or (time, rows, cols, 3), "
+                         f"received {frames.shape}")
+    if full_scale is None:
+        full_scale = data.full_scale_of(frames.dtype)
+        if frames.dtype.kind == "f" and preprocessing.get("full_scale"):
+            full_scale = preprocessing["full_scale"]
+    p_aurora = np.zeros(frames.shape[:3], np.float32)
+    masks = np.zeros(frames.shape[:3], bool)
+    fractions = np.zeros(len(frames))
+    for k, frame in enumerate(frames):
+        counts = np.repeat(frame[..., None], 3, axis=2) if frame.ndim == 2 else frame
+        prepared = data.prepare_frame(counts.astype(np.float32), full_scale, preprocessing, field_of_view)
+        p_aurora[k], masks[k], _ = segment_frame(model, prepared, **settings)
+        fractions[k] = masks[k][prepared.sky].mean() if prepared.sky.any() else 0.0
+    return {"p_aurora": p_aurora, "mask": masks, "aurora_fraction": fractions}
 
 
 # ---------------------------------------------------------------------------
-# Checks done before anything is written
+# A run over files: what to segment, its settings, resuming and shards
 # ---------------------------------------------------------------------------
 
+SUMMARY_COLUMNS = ["file", "frame", "name", "time", "rows", "cols", "aurora_fraction", "mean_p_aurora", "seconds",
+                   "patches"]
+METRIC_COLUMNS = ["true_fraction", "iou", "precision", "recall", "false_aurora"]
+# The settings that decide a run's outputs; --resume and --merge refuse
+# to mix runs that differ in any of them.
+RUN_SETTINGS = ("dataset", "recursive", "model", "model_sha256", "outputs", "stride", "adaptive", "fine_stride",
+                "refine", "threshold", "masks", "field_of_view", "min_elevation", "north")
 
-def list_frames(dataset):
-    """Return the frames to segment: one image file, or every image of a folder.
+
+class Source(NamedTuple):
+    """A file to segment: ``path``; ``name``, its output name (relative path without suffix);
+    ``file``, as ``summary.csv`` names it; ``index``, its place in the whole run's order."""
+
+    path: Path
+    name: str
+    file: str
+    index: int
+
+
+def list_sources(dataset, recursive=False):
+    """The files to segment, in the run's order: one frame file, or every frame file of a folder.
 
     Raises
     ------
-    UsageError or data.DataError
-        Missing path, empty folder, unsupported file type, or two frames with
-        the same stem (their outputs would collide).
+    data.UsageError or data.DataError
+        Missing path, empty folder, unsupported file type, or two files with
+        the same output name (``a.png`` and ``a.jpg``: their outputs would
+        collide).
     """
     dataset = Path(dataset)
     if dataset.is_file():
-        if dataset.suffix.lower() not in data.IMAGE_EXTENSIONS:
-            raise UsageError(
-                f"unsupported image file {dataset}: expected one of {', '.join(data.IMAGE_EXTENSIONS)}"
-            )
-        frames = [dataset]
-    elif dataset.exists() or dataset.suffix.lower() not in data.IMAGE_EXTENSIONS:
-        frames = data.list_images(dataset)
+        if data.frame_suffix(dataset) is None:
+            raise data.UsageError(f"unsupported image file {dataset}: expected one of "
+                                  f"{', '.join(data.IMAGE_EXTENSIONS)}")
+        paths, root = [dataset], dataset.parent
+    elif dataset.exists() or data.frame_suffix(dataset) is None:
+        paths, root = data.list_images(dataset, recursive=recursive), dataset
     else:
-        raise UsageError(f"image file not found: {dataset}")
-    seen = {}
-    for frame in frames:
-        if frame.stem in seen:
-            raise UsageError(f"frames {seen[frame.stem]} and {frame} have the same stem; their outputs would collide")
-        seen[frame.stem] = frame
-    return frames
+        raise data.UsageError(f"image file not found: {dataset}")
+    sources, seen = [], {}
+    for index, path in enumerate(paths):
+        relative = path.relative_to(root)
+        name = str(relative.parent / data.frame_stem(path)) if relative.parent != Path(".") else data.frame_stem(path)
+        if name in seen:
+            raise data.UsageError(f"frames {seen[name]} and {path} have the same name; their outputs would collide")
+        seen[name] = path
+        sources.append(Source(path, name, str(relative), index))
+    return sources
+
+
+def shard_value(text):
+    """argparse type for --shard: ``K/N`` with 1 <= K <= N, returned as (K, N)."""
+    try:
+        part, parts = (int(value) for value in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 2/8, received {text!r}") from None
+    if parts < 1 or not 1 <= part <= parts:
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N, received {text!r}")
+    return part, parts
+
+
+def shard_sources(sources, shard):
+    """The K-th of N shards: every N-th file from the K-th, so each shard spans every night.
+
+    Splitting by file needs no file to be read first, and the N shards
+    together hold every file exactly once.
+    """
+    if shard is None:
+        return sources
+    part, parts = shard
+    return [source for source in sources if source.index % parts == part - 1]
 
 
 def _image_size(path):
@@ -1260,77 +1340,379 @@ def _image_size(path):
     return rows, cols
 
 
-def match_masks(frames, mask_folder):
-    """Pair every frame with the true mask of the same stem and check sizes.
+def match_masks(sources, mask_folder, recursive=False):
+    """The true mask of every frame, by output name, checked against single-frame files' sizes.
 
     Parameters
     ----------
-    frames : list of Path
+    sources : list of Source
     mask_folder : str or Path
-        Images with the frames' stems; nonzero = aurora.
+        Pictures named like the frames' outputs (``<name>.png``, or
+        ``<name>_<k>.png`` for frame k of a multi-frame file); nonzero = aurora.
+    recursive : bool
+        Masks in sub-folders mirroring the frames'.
 
     Returns
     -------
     masks : dict of str to Path
-        Stem to mask file.
+        Output name to mask file.
 
     Raises
     ------
-    UsageError or data.DataError
-        No mask for a frame, an unreadable mask, or a mask whose rows and
-        columns differ from its frame's. A frame whose own header is
-        unreadable is left for the main loop to report and skip.
+    data.UsageError or data.DataError
+        No mask for a single-frame file, an unreadable mask, or a mask whose
+        rows and columns differ from its frame's. The masks of multi-frame
+        files are checked frame by frame while segmenting.
     """
-    by_stem = {}
-    for path in data.list_images(mask_folder):
-        by_stem.setdefault(path.stem, path)
-    masks = {}
-    for frame in frames:
-        mask_path = by_stem.get(frame.stem)
+    mask_folder = Path(mask_folder)
+    by_name = {}
+    for path in data.list_images(mask_folder, recursive=recursive):
+        relative = path.relative_to(mask_folder)
+        name = str(relative.parent / data.frame_stem(path)) if relative.parent != Path(".") else data.frame_stem(path)
+        by_name.setdefault(name, path)
+    for source in sources:
+        if data.frame_suffix(source.path) not in data.PICTURE_EXTENSIONS:
+            continue
+        mask_path = by_name.get(source.name)
         if mask_path is None:
-            raise UsageError(f"no mask for frame {frame} in {mask_folder}")
+            raise data.UsageError(f"no mask for frame {source.path} in {mask_folder}")
         mask_size = _image_size(mask_path)
         if mask_size is None:
             # Pillow cannot read every valid file (16-bit RGB TIFF); read the
             # whole mask, which raises DataError naming it if it is corrupt.
             mask_size = data.read_image(mask_path).shape[:2]
-        frame_size = _image_size(frame)
+        frame_size = _image_size(source.path)
         if frame_size is not None and frame_size != mask_size:
-            raise UsageError(
-                f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (rows x cols) "
-                f"but frame {frame} is {frame_size[0]}x{frame_size[1]}"
-            )
-        masks[frame.stem] = mask_path
-    return masks
+            raise data.UsageError(f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (rows x cols) "
+                                  f"but frame {source.path} is {frame_size[0]}x{frame_size[1]}")
+    return by_name
+
+
+def read_true_mask(path, shape):
+    """Read a true mask: nonzero in any channel = aurora; shape (rows, cols), bool."""
+    mask = data.read_image(path).max(axis=2) > 0
+    if mask.shape != tuple(shape):
+        raise data.DataError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its frame is "
+                             f"{shape[0]}x{shape[1]}")
+    return mask
 
 
 def check_writable(save_dir):
-    """Check that ``save_dir`` and its output folders can be created, without creating them."""
+    """Check that ``save_dir`` can be created or written, without creating it."""
     save_dir = Path(save_dir)
     existing = save_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"cannot write to {save_dir}: {existing} is not a folder")
+        raise data.UsageError(f"cannot write to {save_dir}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to {save_dir}: permission denied on {existing}")
-    for kind in (*OUTPUT_KINDS, "probability"):
+        raise data.UsageError(f"cannot write to {save_dir}: permission denied on {existing}")
+    for kind in (*OUTPUT_KINDS, "night"):
         folder = save_dir / kind
         if folder.exists() and not folder.is_dir():
-            raise UsageError(f"cannot write to {folder}: it is a file, not a folder")
+            raise data.UsageError(f"cannot write to {folder}: it is a file, not a folder")
 
 
-def read_true_mask(path, shape):
-    """Read a true mask: nonzero in any channel = aurora.
+def _shard_tag(shard):
+    return "" if shard is None else f".shard-{shard[0]}-of-{shard[1]}"
 
-    Returns
-    -------
-    mask : ndarray of shape (rows, cols), bool
+
+def run_files(save_dir, shard):
+    """The bookkeeping files of one run or shard: settings, journal (one row per finished frame), summary."""
+    tag = _shard_tag(shard)
+    save_dir = Path(save_dir)
+    return {"settings": save_dir / f"run{tag}.json", "journal": save_dir / f".progress{tag}.csv",
+            "summary": save_dir / ("summary.csv" if shard is None else f"summary{tag}.csv"),
+            "slices": save_dir / ".keogram"}
+
+
+def run_settings(args, model_path):
+    """The settings of this run that decide its outputs (``RUN_SETTINGS``), as JSON-ready values."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
+    values = {"dataset": str(Path(args.dataset).resolve()), "recursive": args.recursive,
+              "model": str(Path(model_path).resolve()), "model_sha256": digest, "outputs": sorted(args.outputs),
+              "stride": args.stride, "adaptive": args.adaptive, "fine_stride": args.fine_stride,
+              "refine": args.refine, "threshold": args.threshold,
+              "masks": str(Path(args.masks).resolve()) if args.masks else None,
+              "field_of_view": str(Path(args.field_of_view).resolve()) if args.field_of_view else None,
+              "min_elevation": args.min_elevation, "north": args.north}
+    return {key: values[key] for key in RUN_SETTINGS}
+
+
+def settings_difference(recorded, current):
+    """One line naming the settings that differ between a recorded run and this one, or ''."""
+    changed = [key for key in RUN_SETTINGS if recorded.get(key) != current.get(key)]
+    if not changed:
+        return ""
+    names = {"model_sha256": "model file contents", "dataset": "--dataset", "model": "--model"}
+    return ", ".join(f"{names.get(key, '--' + key)} ({recorded.get(key)!r} then, {current.get(key)!r} now)"
+                     if key != "model_sha256" else names[key] for key in changed)
+
+
+def read_journal(path, columns):
+    """The rows of a run's journal; a last line cut short by a killed run is ignored."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.DictReader(text.splitlines(keepends=True)))
+    return [row for row in rows if None not in row.values() and len(row) == len(columns)]
+
+
+class Journal:
+    """Append-only record of finished frames: a row is added only after all of a frame's outputs exist.
+
+    Rows are flushed and synced one by one, so a killed run loses at most
+    the frames it was working on; ``--resume`` skips the frames recorded.
     """
-    mask = data.read_image(path).max(axis=2) > 0
-    if mask.shape != tuple(shape):
-        raise data.DataError(f"mask {path} is {mask.shape} but its frame is {tuple(shape)}")
-    return mask
+
+    def __init__(self, path, columns, fresh):
+        import threading
+
+        self.columns = columns
+        self.lock = threading.Lock()
+        new = fresh or not path.exists()
+        self.handle = open(path, "w" if new else "a", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=columns, extrasaction="ignore")
+        if new:
+            self.writer.writeheader()
+            self.handle.flush()
+
+    def add(self, row):
+        with self.lock:
+            self.writer.writerow({key: "" if row.get(key) is None else row[key] for key in self.columns})
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+
+    def close(self):
+        self.handle.close()
+
+
+def sort_rows(rows):
+    """Rows in the run's order: by time when every row has one, else by file and frame."""
+    def place(row):
+        return int(row["_index"]), int(row["frame"]) if row["frame"] not in ("", None) else -1
+
+    if rows and all(row["time"] for row in rows):
+        return sorted(rows, key=lambda row: (row["time"], place(row)))
+    return sorted(rows, key=place)
+
+
+def write_summary(path, rows, columns):
+    """``summary.csv``: the rows in the run's order, then a ``mean`` row.
+
+    The mean row averages each column over the frames where it has a value:
+    ``iou``, ``precision`` and ``recall`` over frames with true aurora,
+    ``false_aurora`` over frames without.
+    """
+    def mean(column):
+        values = [float(row[column]) for row in rows if row.get(column) not in ("", None)]
+        return float(np.mean(values)) if values else ""
+
+    numeric = [column for column in columns if column not in ("file", "frame", "name", "time", "rows", "cols",
+                                                               "patches")]
+
+    def write(handle):
+        import io
+
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        if rows:
+            writer.writerow({"file": "mean", **{column: mean(column) for column in numeric}})
+        handle.write(text.getvalue().encode())
+
+    _atomic(path, write)
+
+
+def finish_run(save_dir, rows, columns, summary_path, quiet):
+    """Write the summary and the night figures of finished rows; return the nights written."""
+    rows = sort_rows(rows)
+    write_summary(summary_path, rows, columns)
+    nights = []
+    slices_folder = Path(save_dir) / ".keogram"
+    for name, night in night_groups(rows):
+        slices = {}
+        for row in night:
+            path = slices_folder / f"{row['name']}.npy"
+            if path.exists():
+                slices[row["name"]] = np.load(path)
+        night = [row for row in night if row["name"] in slices]
+        if len(night) >= NIGHT_MIN_FRAMES:
+            write_night(save_dir, name, night, slices)
+            nights.append(name)
+    return nights
+
+
+def merge_shards(save_dir, quiet=False):
+    """Combine the summaries of ``--shard K/N`` runs in ``save_dir`` into one ``summary.csv`` and night figures.
+
+    Returns the number of rows. Raises UsageError naming a missing or
+    unfinished shard, or shards run with different settings.
+    """
+    save_dir = Path(save_dir)
+    found = sorted(save_dir.glob("run.shard-*-of-*.json"))
+    if not found:
+        raise data.UsageError(f"{save_dir}: no shard runs to merge (run.shard-K-of-N.json)")
+    settings = [json.loads(path.read_text()) for path in found]
+    parts = {entry["shard"][1] for entry in settings}
+    if len(parts) != 1:
+        raise data.UsageError(f"{save_dir}: shards of different splits ({sorted(parts)}) cannot be merged")
+    parts = parts.pop()
+    for entry, path in zip(settings, found):
+        difference = settings_difference(settings[0]["settings"], entry["settings"])
+        if difference:
+            raise data.UsageError(f"{path.name} differs from {found[0].name}: {difference}")
+    rows, columns = [], None
+    for part in range(1, parts + 1):
+        summary = run_files(save_dir, (part, parts))["summary"]
+        journal = run_files(save_dir, (part, parts))["journal"]
+        if not summary.exists():
+            raise data.UsageError(f"shard {part}/{parts} has not finished: {summary.name} is missing "
+                                  f"(run it, or resume it with --resume --shard {part}/{parts})")
+        with open(summary, newline="") as handle:
+            columns = next(csv.reader(handle))
+        rows += read_journal(journal, columns + ["_index"])
+    finish_run(save_dir, rows, columns, save_dir / "summary.csv", quiet)
+    return len(rows)
+
+
+# ---------------------------------------------------------------------------
+# The run itself: reading, the model and writing overlap
+# ---------------------------------------------------------------------------
+
+
+def _read_worker(sources, frames_out, skip, preprocessing, field_of_view):
+    """Reader thread: take files from ``sources``, put their prepared frames on ``frames_out``."""
+    import queue
+
+    try:
+        while True:
+            try:
+                source = sources.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                count = 0
+                for frame in data.read_frames(source.path, name=source.name):
+                    count += 1
+                    if frame.name in skip:
+                        continue
+                    if frame.error:
+                        frames_out.put(("skipped", source, frame.error))
+                        continue
+                    started = time.perf_counter()
+                    prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing, field_of_view)
+                    frames_out.put(("frame", source, frame, prepared, time.perf_counter() - started))
+                frames_out.put(("file", source, count))
+            except data.DataError as error:
+                frames_out.put(("skipped", source, str(error)))
+    except BaseException as error:  # a bug in a thread must reach the main thread, not vanish
+        frames_out.put(("crashed", error))
+    finally:
+        frames_out.put(("reader done",))
+
+
+def _finish_frame(args, save_dir, source, frame, prepared, p_aurora, mask, patches, masks, journal, seconds):
+    """Writer task: refine the mask, write the outputs, score, record the frame in the journal."""
+    started = time.perf_counter()
+    if args.refine:
+        mask = refine_mask(prepared.image, mask, prepared.sky, args.patch_size, quantum=prepared.quantum)
+    sky = prepared.sky
+    when = data.frame_time(frame)
+    title = f"{frame.name}  {format_time(when)}" if when else frame.name
+    write_outputs(save_dir, frame.name, prepared.image, sky, p_aurora, mask, args.outputs, title=title)
+    slice_path = Path(save_dir) / ".keogram" / f"{frame.name}.npy"
+    slice_path.parent.mkdir(parents=True, exist_ok=True)
+    line = np.stack([keogram_line(p_aurora, sky, args.north), keogram_line(mask, sky, args.north)])
+    _atomic(slice_path, lambda handle: np.save(handle, line.astype(np.float16)))
+    row = {"file": source.file, "frame": "" if frame.index is None else frame.index, "name": frame.name,
+           "time": format_time(when), "rows": mask.shape[0], "cols": mask.shape[1],
+           "aurora_fraction": float(mask[sky].mean()) if sky.any() else 0.0,
+           "mean_p_aurora": float(p_aurora[sky].mean()) if sky.any() else 0.0,
+           "patches": patches, "_index": source.index}
+    if args.masks:
+        mask_path = masks.get(frame.name)
+        if mask_path is None:
+            raise data.DataError(f"no mask for frame {frame.name} in {args.masks}")
+        row.update(frame_scores(mask, read_true_mask(mask_path, mask.shape), sky))
+    row["seconds"] = round(seconds + time.perf_counter() - started, 4)
+    journal.add(row)
+    return row, prepared.sky_found
+
+
+def segment_files(args, model, preprocessing, sources, masks, field_of_view, journal, skip, progress):
+    """Segment every frame of ``sources`` not in ``skip``; returns (rows, skipped messages, frames without a border).
+
+    Reader threads read and prepare frames ahead of the model; writer
+    threads refine masks and write outputs behind it; the main thread only
+    feeds the model. Queues are bounded, so memory stays flat however many
+    frames there are.
+    """
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = queue.Queue()
+    for source in sources:
+        files.put(source)
+    workers = args.workers
+    frames = queue.Queue(maxsize=2 * workers)
+    readers = [threading.Thread(target=_read_worker, args=(files, frames, skip, preprocessing, field_of_view),
+                                daemon=True) for _ in range(workers)]
+    for reader in readers:
+        reader.start()
+    rows, skipped, borderless, pending = [], [], [], []
+    slots = threading.Semaphore(2 * workers)
+    done_readers = 0
+    with ThreadPoolExecutor(workers) as writers:
+        def collect(block):
+            while pending and (block or pending[0].done()):
+                future = pending.pop(0)
+                try:
+                    row, sky_found = future.result()
+                except data.DataError as error:
+                    skipped.append(str(error))
+                    continue
+                finally:
+                    slots.release()
+                rows.append(row)
+                if not sky_found:
+                    borderless.append(row["name"])
+                progress.update(1)
+
+        while done_readers < len(readers):
+            item = frames.get()
+            kind = item[0]
+            if kind == "reader done":
+                done_readers += 1
+            elif kind == "crashed":
+                raise item[1]
+            elif kind == "skipped":
+                skipped.append(item[2] if item[2].startswith(str(item[1].path)) else f"{item[1].path}: {item[2]}")
+                progress.update(1)
+            elif kind == "file":
+                progress.total = (progress.total or 0) + max(0, item[2] - 1)
+                progress.refresh()
+            else:
+                _, source, frame, prepared, seconds = item
+                started = time.perf_counter()
+                logits, patches = logit_map(model, prepared.model_input, stride=args.stride,
+                                            batch_size=args.batchsize, sky=prepared.sky, adaptive=args.adaptive,
+                                            threshold=args.threshold, fine_stride=args.fine_stride)
+                p_aurora = aurora_probability(logits)
+                p_aurora[~prepared.sky] = 0.0
+                seconds += time.perf_counter() - started
+                slots.acquire()
+                pending.append(writers.submit(_finish_frame, args, args.save_dir, source, frame, prepared, p_aurora,
+                                              p_aurora > args.threshold, patches, masks, journal, seconds))
+            collect(block=False)
+        collect(block=True)
+    return rows, skipped, borderless
 
 
 # ---------------------------------------------------------------------------
@@ -1338,74 +1720,100 @@ def read_true_mask(path, shape):
 # ---------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with the epilog's examples as written; defaults only where a help string shows them."""
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Segment aurora in all-sky frames with a PU-trained patch classifier: "
-        "a mask, a probability map, a colour filter, an overlay and a figure per frame, and summary.csv.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--dataset", default="dataset/Unlabelled", help="folder of frames, or one image file")
-    parser.add_argument("--model", default="Results/model.keras", help=".keras model saved by train.py")
-    parser.add_argument("--save_dir", default="Results/segmentation", help="folder for the outputs")
-    parser.add_argument(
-        "--stride",
-        type=data.positive_int,
-        default=DEFAULT_STRIDE,
-        help="pixels between evaluated patch centres of the coarse grid; 1 = exact per-pixel sliding window, "
-        "larger = bilinear interpolation of the logits in between (refined near the boundary with --adaptive)",
-    )
-    parser.add_argument(
-        "--adaptive",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="evaluate more patches, down to --fine_stride, in the grid cells where the mask boundary may pass; "
-        "--no-adaptive interpolates the plain grid everywhere",
-    )
-    parser.add_argument(
-        "--fine_stride",
-        type=data.positive_int,
-        default=DEFAULT_FINE_STRIDE,
-        help="finest stride of the adaptive grid near the boundary; 1 = every boundary pixel evaluated",
-    )
-    parser.add_argument(
-        "--refine",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="move the mask's boundary onto the aurora's edge in the image (random walker from confident seeds); "
-        "--no-refine keeps P(aurora) > threshold as the mask",
-    )
-    parser.add_argument("--batchsize", type=data.positive_int, default=256, help="patches per model call")
-    parser.add_argument(
-        "--threshold", type=data.fraction, default=0.5, help="a pixel is aurora when P(aurora) > threshold"
-    )
-    parser.add_argument(
-        "--masks",
-        default=None,
-        help="folder of true masks with the frames' stems (nonzero = aurora); "
-        "adds iou, precision, recall to summary.csv and prints the mean IoU",
-    )
-    parser.add_argument(
-        "--save_probability",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also save P(aurora) as probability/<stem>.npy (float32)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="replace outputs of an earlier run for the same frames",
-    )
-    parser.add_argument(
-        "--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bar"
-    )
+        prog=PROG, formatter_class=_HelpFormatter,
+        description="Segment aurora in all-sky frames with a model from train.py: a mask, P(aurora) and "
+                    "pictures per frame, summary.csv, and a keogram figure per night.",
+        epilog="examples:\n"
+               "  python segmentation.py --dataset dataset/Unlabelled --model Results/model.keras "
+               "--save_dir Results/segmentation --masks dataset/masks\n"
+               "  python segmentation.py --dataset /data/gill/2014 --recursive --outputs mask probability "
+               "--save_dir gill_2014 --shard 3/8\n"
+               "exit codes: 0 all frames done, 1 some frames could not be read (named, skipped), "
+               "2 bad input or an output could not be written (nothing lost; --resume continues)")
+    essential = parser.add_argument_group("essential")
+    essential.add_argument("--dataset", required=True,
+                           help="folder of frames (JPEG, PNG, TIFF, FITS, PGM stacks, CDF) or one frame file")
+    essential.add_argument("--model", default="Results/model.keras",
+                           help="model.keras written by train.py (default: %(default)s)")
+    essential.add_argument("--save_dir", default="Results/segmentation",
+                           help="folder for the outputs (default: %(default)s)")
+    essential.add_argument("--masks", default=None,
+                           help="folder of true masks named like the outputs (nonzero = aurora): "
+                                "scores every frame in summary.csv and prints the mean IoU")
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--outputs", nargs="+", choices=OUTPUT_KINDS, default=list(DEFAULT_OUTPUTS),
+                         metavar="KIND", help=f"what to write per frame, any of {', '.join(OUTPUT_KINDS)} "
+                                              f"(default: {' '.join(DEFAULT_OUTPUTS)})")
+    outputs.add_argument("--save_probability", action=argparse.BooleanOptionalAction, default=False,
+                         help="also write probability/<name>.npy, P(aurora) as float32 (same as adding probability "
+                              "to --outputs)")
+    outputs.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                         help="replace the outputs of an earlier run in --save_dir")
+    outputs.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                         help="continue an interrupted run in --save_dir: frames already done are skipped")
+    archive = parser.add_argument_group("archives")
+    archive.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=False,
+                         help="also segment the frames of sub-folders (one per night); outputs mirror the tree")
+    archive.add_argument("--shard", type=shard_value, default=None, metavar="K/N",
+                         help="segment only the K-th of N parts of the files (for N jobs); then --merge")
+    archive.add_argument("--merge", action=argparse.BooleanOptionalAction, default=False,
+                         help="combine finished --shard runs in --save_dir into summary.csv and the night figures")
+    archive.add_argument("--workers", type=data.positive_int, default=min(4, os.cpu_count() or 1),
+                         help="threads that read and write frames while the model works (default: %(default)s)")
+    sky = parser.add_argument_group("sky")
+    sky.add_argument("--field_of_view", default=None, metavar="FILE",
+                     help="the sky: a picture (nonzero = sky), or with --min_elevation a map of elevation in "
+                          "degrees (FITS); default: the fisheye circle found in each frame")
+    sky.add_argument("--min_elevation", type=float, default=None, metavar="DEGREES",
+                     help="with an elevation map: leave out the sky below this elevation (10 to 20 is usual)")
+    sky.add_argument("--north", choices=NORTH, default="up",
+                     help="the side of the frame north is on, for the keograms (default: %(default)s)")
+    advanced = parser.add_argument_group("model evaluation (advanced)")
+    advanced.add_argument("--stride", type=data.positive_int, default=DEFAULT_STRIDE,
+                          help="pixels between evaluated patch centres; 1 = every pixel, exact "
+                               "(default: %(default)s)")
+    advanced.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                          help="evaluate more patches, down to --fine_stride, where the mask boundary may pass")
+    advanced.add_argument("--fine_stride", type=data.positive_int, default=DEFAULT_FINE_STRIDE,
+                          help="finest stride near the boundary with --adaptive (default: %(default)s)")
+    advanced.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                          help="move the mask's boundary onto the aurora's edge in the frame (random walker)")
+    advanced.add_argument("--threshold", type=data.fraction, default=0.5,
+                          help="a pixel is aurora when P(aurora) > threshold (default: %(default)s)")
+    advanced.add_argument("--batchsize", type=data.positive_int, default=256,
+                          help="patches per model call (default: %(default)s)")
+    advanced.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                          help="no progress bar")
     return parser
 
 
 def _error(message):
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _existing_outputs(save_dir, sources, outputs, shard):
+    """Outputs of an earlier run that this one would overwrite (first few), checked before anything is written."""
+    save_dir = Path(save_dir)
+    found = [path for path in (run_files(save_dir, shard)["summary"], run_files(save_dir, shard)["settings"])
+             if path.exists()]
+    for source in sources:
+        for kind in outputs:
+            single = output_path(save_dir, kind, source.name)
+            if single.exists():
+                found.append(single)
+            elif data.frame_suffix(source.path) not in data.PICTURE_EXTENSIONS and single.parent.is_dir():
+                # Frames of multi-frame files are <name>_<k>; their count is unknown until read.
+                found += sorted(single.parent.glob(f"{Path(source.name).name}_*{OUTPUT_SUFFIX.get(kind, '.png')}"))[:1]
+        if len(found) > 1:
+            break
+    return found
 
 
 def main(argv=None):
@@ -1417,82 +1825,107 @@ def main(argv=None):
         # argparse has printed its message (or the help); hand back its code.
         return exit_request.code
     save_dir = Path(args.save_dir)
+    if args.save_probability and "probability" not in args.outputs:
+        args.outputs = [*args.outputs, "probability"]
+    files = run_files(save_dir, args.shard)
+
+    if args.merge:
+        try:
+            count = merge_shards(save_dir, args.quiet)
+        except (data.UsageError, OSError) as error:
+            return _error(str(error))
+        print(f"merged {count} frames into {save_dir / 'summary.csv'}")
+        return 0
 
     # Every check that can fail on the user's input runs before anything is
     # written, cheapest first; the model is loaded last because it is slow.
     try:
-        model_path = check_model_path(args.model)
-        frames = list_frames(args.dataset)
-        masks = match_masks(frames, args.masks) if args.masks else {}
+        if args.resume and args.overwrite:
+            raise data.UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
+        if args.min_elevation is not None and not args.field_of_view:
+            raise data.UsageError("--min_elevation needs --field_of_view (a map of elevation in degrees)")
+        model_path = data.check_model_path(args.model)
+        sources = shard_sources(list_sources(args.dataset, args.recursive), args.shard)
+        masks = match_masks(sources, args.masks, args.recursive) if args.masks else {}
         check_writable(save_dir)
-        existing = [path for path in planned_outputs(save_dir, [f.stem for f in frames], args.save_probability)
-                    if path.exists()]
-        if existing and not args.overwrite:
-            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise UsageError(f"{existing[0]} already exists{more}; use --overwrite to replace")
-        model = load_model(model_path)
-    except (UsageError, data.DataError) as error:
+        settings = run_settings(args, model_path)
+        skip, earlier = set(), []
+        if args.resume:
+            if not files["settings"].exists():
+                raise data.UsageError(f"cannot resume: {save_dir} holds no run to continue ({files['settings'].name} "
+                                      f"is missing); start it without --resume")
+            recorded = json.loads(files["settings"].read_text())
+            difference = settings_difference(recorded["settings"], settings)
+            if difference:
+                raise data.UsageError(f"cannot resume the run in {save_dir} with other settings: {difference}")
+        elif not args.overwrite:
+            existing = _existing_outputs(save_dir, sources, args.outputs, args.shard)
+            if existing:
+                raise data.UsageError(f"{existing[0]} already exists; use --overwrite to replace, or --resume "
+                                      f"to continue that run")
+        field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
+                         if args.field_of_view else None)
+        model, preprocessing = data.load_model(model_path)
+    except (data.UsageError, OSError) as error:
         return _error(str(error))
+    args.patch_size = data.patch_size_of(model)
+    columns = SUMMARY_COLUMNS + (METRIC_COLUMNS if args.masks else [])
+    journal_columns = columns + ["_index"]
 
     from tqdm import tqdm
 
     try:
-        for kind in OUTPUT_KINDS + (("probability",) if args.save_probability else ()):
-            (save_dir / kind).mkdir(parents=True, exist_ok=True)
-        summary_file = open(save_dir / "summary.csv", "w", newline="")
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            earlier = read_journal(files["journal"], journal_columns)
+            skip = {row["name"] for row in earlier}
+        _atomic(files["settings"], lambda handle: handle.write(json.dumps(
+            {"settings": settings, "shard": list(args.shard) if args.shard else None,
+             "preprocessing": preprocessing}, indent=2).encode()))
+        files["summary"].unlink(missing_ok=True)
+        journal = Journal(files["journal"], journal_columns, fresh=not args.resume)
     except OSError as error:
         return _error(f"cannot write to {save_dir}: {error.strerror or error}")
 
-    columns = SUMMARY_COLUMNS + (METRIC_COLUMNS if args.masks else [])
-    failed = []
-    rows_written = []
-    with summary_file:
-        writer = csv.DictWriter(summary_file, fieldnames=columns)
-        writer.writeheader()
-        for frame in tqdm(frames, desc="segmenting", unit="frame", disable=args.quiet, file=sys.stderr):
-            start = time.perf_counter()
-            try:
-                image = data.read_image(frame)
-                p_aurora, mask, sky, patches = segment_frame(
-                    model, image, stride=args.stride, batch_size=args.batchsize, threshold=args.threshold,
-                    adaptive=args.adaptive, fine_stride=args.fine_stride, refine=args.refine,
-                )
-                metrics = mask_metrics(mask, read_true_mask(masks[frame.stem], mask.shape)) if args.masks else {}
-                write_outputs(save_dir, frame.stem, image, p_aurora, mask, args.save_probability)
-            except data.DataError as error:
-                # DataError messages usually name the file already.
-                named = str(error) if str(frame) in str(error) else f"{frame}: {error}"
-                tqdm.write(f"{PROG}: skipped {named}", file=sys.stderr)
-                failed.append(frame)
-                continue
-            except OSError as error:
-                summary_file.flush()
-                return _error(f"cannot write outputs of {frame} to {save_dir}: {error.strerror or error}")
-            row = {
-                "file": frame.name,
-                "rows": mask.shape[0],
-                "cols": mask.shape[1],
-                "aurora_fraction": float(mask[sky].mean()),
-                "mean_p_aurora": float(p_aurora[sky].mean()),
-                "seconds": round(time.perf_counter() - start, 4),
-                "patches": patches,
-                **metrics,
-            }
-            writer.writerow(row)
-            summary_file.flush()
-            rows_written.append(row)
+    started = time.perf_counter()
+    progress = tqdm(total=len(sources), desc="segmenting", unit="frame", disable=args.quiet, file=sys.stderr)
+    try:
+        rows, skipped, borderless = segment_files(args, model, preprocessing, sources, masks, field_of_view,
+                                                  journal, skip, progress)
+    except OSError as error:
+        return _error(f"cannot write outputs to {save_dir}: {error.strerror or error} "
+                      f"({getattr(error, 'filename', '') or 'unknown file'}); free space and run again with --resume")
+    finally:
+        progress.close()
+        journal.close()
+    seconds = time.perf_counter() - started
+    all_rows = earlier + [{key: ("" if value is None else value) for key, value in row.items()} for row in rows]
+    if args.shard is None:
+        nights = finish_run(save_dir, all_rows, columns, files["summary"], args.quiet)
+    else:
+        write_summary(files["summary"], sort_rows(all_rows), columns)
+        nights = []
 
-        # The last row holds the mean of every numeric column over the frames.
-        if rows_written:
-            numeric = [c for c in columns if c not in ("file", "rows", "cols", "patches")]
-            writer.writerow({"file": "mean", **{c: float(np.mean([r[c] for r in rows_written])) for c in numeric}})
-
-    print(f"segmented {len(rows_written)} of {len(frames)} frames into {save_dir}")
-    if args.masks and rows_written:
-        means = {c: float(np.mean([r[c] for r in rows_written])) for c in METRIC_COLUMNS}
-        print(f"mean IoU {means['iou']:.4f}  precision {means['precision']:.4f}  recall {means['recall']:.4f}")
-    if failed:
-        print(f"{PROG}: {len(failed)} frame(s) could not be read: {', '.join(str(f) for f in failed)}", file=sys.stderr)
+    print(f"segmented {len(rows)} frames into {save_dir}" + (f" ({len(rows) / seconds:.2f} frames/s)" if rows else "")
+          + (f"; {len(skip)} done before" if skip else ""))
+    scored = [row for row in all_rows if row.get("iou") not in ("", None)]
+    clear = [row for row in all_rows if row.get("false_aurora") not in ("", None)]
+    if scored:
+        means = {c: float(np.mean([float(r[c]) for r in scored])) for c in ("iou", "precision", "recall")}
+        print(f"mean IoU {means['iou']:.4f}  precision {means['precision']:.4f}  recall {means['recall']:.4f}  "
+              f"over {len(scored)} frames with true aurora")
+    if clear:
+        print(f"frames without true aurora ({len(clear)}): "
+              f"{np.mean([float(r['false_aurora']) for r in clear]):.2%} of their sky called aurora")
+    if nights:
+        print(f"night figures and keograms: {', '.join(nights)} in {save_dir / 'night'}")
+    if borderless:
+        print(f"{PROG}: warning: no fisheye border found in {len(borderless)} frame(s) (first: {borderless[0]}): "
+              f"their whole frame counts as sky; give the sky with --field_of_view", file=sys.stderr)
+    if skipped:
+        for message in skipped:
+            print(f"{PROG}: skipped {message}", file=sys.stderr)
+        print(f"{PROG}: {len(skipped)} frame(s) or file(s) could not be read", file=sys.stderr)
         return 1
     return 0
 

@@ -2,25 +2,27 @@
 
     python train.py --P_dataset dataset/Positive --U_dataset dataset/Unlabelled
 
-Reads random patches from the two folders, fits a ResNet18 (or a small CNN)
-with the nnPU risk of Kiryo et al. (2017) -- or uPU, or PNU when a folder of
-aurora examples is given -- on batches that always hold both P and U, and
-writes into ``--save_dir``:
+Reads random patches from the frames of the two folders (the sky of each
+frame only, normalized so that the sky's brightness, colour and glow do not
+matter: ``data.prepare_frame``), estimates the class prior, fits a ResNet18
+(or a small CNN) with the non-negative PU risk of Kiryo et al. (2017),
+weighted so that rare aurora counts (Su et al. 2021), checks that the model
+did not collapse to "no aurora anywhere" or "aurora everywhere", and writes
+into ``--save_dir``:
 
 * ``model.keras``  the trained model, stock Keras layers only: it loads with
-  ``keras.models.load_model(path, compile=False)`` in any process. Contract:
-  input float32 RGB in [0, 1] of shape (n, patch, patch, 3); output (n, 1),
-  one logit per patch; logit > 0 means background (positive), so
-  P(aurora) = sigmoid(-logit).
-* ``config.json``  every resolved setting, the library versions, the data
-  folders and patch counts.
-* ``history.csv``  per epoch: the training loss, its parts Rp+ (positive_risk)
-  and Rn (negative_risk), and on a held-out P/U split the PU zero-one risk and
-  the nnPU risk.
-* ``loss.png`` and ``prediction.png``  learning curves, and the histogram of
-  logits on held-out P and U.
+  ``keras.models.load_model(path, compile=False)`` in any process. It holds
+  how its frames were prepared (``data.load_model`` reads it back), so
+  segmentation prepares frames exactly as training did.
+* ``config.json``  every resolved setting, the prior estimate, the checks,
+  the frames and patch counts, the backend, the device and the versions.
+* ``history.csv``, ``loss.png``  the risks per epoch.
+* ``prediction.png``  histograms of the logits of held-out P and U patches.
 
-Training runs on a GPU when TensorFlow sees one; nothing to configure.
+Exit codes: 0 a model was written; 2 bad input (a flag, a folder, P and U
+that cannot be told apart; one line on stderr, nothing written); 3 training
+failed (the model collapsed or diverged): no model.keras, the reason in
+config.json and on stderr.
 """
 
 import argparse
@@ -37,14 +39,18 @@ from pathlib import Path
 import numpy as np
 
 import data
-import segmentation
 
-PRIOR_DEFAULT = 0.4
 MIN_STEPS_PER_EPOCH = 50
+EXIT_TRAINING_FAILED = 3
+
+# The class prior is trusted in this range: below it U would be almost all
+# aurora; above it U holds almost no aurora the classifier can find (a
+# night without aurora), and training has nothing to learn.
+PRIOR_RANGE = (0.05, 0.995)
 
 
-class CommandLineError(ValueError):
-    """A user-facing problem with the flags or files; main() reports it in one line."""
+class TrainingFailed(RuntimeError):
+    """Training ran but produced no useful model; main() reports it in one line and exits with 3."""
 
 
 # ----------------------------------------------------------------- model
@@ -54,8 +60,9 @@ def build_resnet18(patch_size=32, bn_momentum=0.9):
 
     7x7 stride-2 stem, 3x3 stride-2 max-pool, four stages of two basic
     blocks (64, 128, 256, 512 filters), global average pooling, two Dense 256
-    tanh layers and one logit. Input float32 RGB in [0, 1], shape
-    (n, patch_size, patch_size, 3); output (n, 1), > 0 means background.
+    tanh layers and one logit. Input float32, shape (n, patch_size,
+    patch_size, 3), prepared by ``data.prepare_frame``; output (n, 1),
+    > 0 means background.
 
     ``bn_momentum`` is 0.9 rather than Keras's 0.99 because a few hundred
     steps are not enough for 0.99 moving averages to settle; `train` also
@@ -114,6 +121,19 @@ def build_cnn(patch_size=32, bn_momentum=0.9):
 MODELS = {"ResNet18": build_resnet18, "CNN": build_cnn}
 
 
+def batch_norm_layers(model):
+    """Every BatchNormalization layer of ``model``, nested models included."""
+    import keras
+
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif hasattr(layer, "layers"):
+            found += batch_norm_layers(layer)
+    return found
+
+
 def recalibrate_batch_norm(model, patches):
     """Set every BatchNormalization's moving statistics to those of ``patches``.
 
@@ -123,9 +143,7 @@ def recalibrate_batch_norm(model, patches):
     mode with momentum 0 makes the moving statistics exactly those of a large
     batch drawn like the training batches.
     """
-    import keras
-
-    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = batch_norm_layers(model)
     momenta = [layer.momentum for layer in norms]
     for layer in norms:
         layer.momentum = 0.0
@@ -134,131 +152,50 @@ def recalibrate_batch_norm(model, patches):
         layer.momentum = momentum
 
 
-def split_holdout(patches, n_holdout, rng):
-    """Shuffle and split (n, ...) into (n - n_holdout, ...) and (n_holdout, ...)."""
-    order = rng.permutation(len(patches))
-    return patches[order[n_holdout:]], patches[order[:n_holdout]]
+# ----------------------------------------------------------------- data
+
+def frame_files(folders, recursive):
+    """The frame files of one or more folders, in order (``data.list_images``)."""
+    return [path for folder in folders for path in data.list_images(folder, recursive=recursive)]
 
 
-def load_patches(folder, total, patch_size, rng, quiet):
-    """About ``total`` random patches from the images of ``folder``."""
+def resolve_preprocessing(args, paths):
+    """How frames are prepared for this model (``data.prepare_frame``), from a look at the training frames.
 
-    n_images = len(data.list_images(folder))
-    per_image = max(1, math.ceil(total / n_images))
-    patches = data.get_data(folder, patch_size, per_image, rng, quiet=quiet)
-    if len(patches) > total:
-        patches = patches[rng.choice(len(patches), total, replace=False)]
-    return patches
-
-
-# -------------------------------------------------------------- CLI
-
-def prior_value(text):
-    """argparse type for --prior: ``auto`` (estimate it, see `estimate_prior`) or a number strictly between 0 and 1."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), received {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected 0 < prior < 1, received {text}")
-    return value
+    ``--normalize auto`` normalizes whole frames by their sky's background
+    and leaves images that are themselves patches (smaller than four patches
+    a side: no sky around them to estimate a background from) as they are.
+    """
+    survey = data.survey_frames(paths, args.patch_size)
+    normalize = args.normalize
+    if normalize == "auto":
+        normalize = "background" if survey["min_side"] >= 4 * args.patch_size else "none"
+    return {"version": data.PREPROCESSING_VERSION, "normalize": normalize, "full_scale": survey["full_scale"],
+            "camera_range": survey["camera_range"], "patch_size": args.patch_size}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage block) and exit with 2."""
+def load_patch_sets(args, preprocessing, rng):
+    """Patches of the P, U (and N) frames: ``data.PatchSet`` each (N None without --N_dataset)."""
+    field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
+                     if args.field_of_view else None)
 
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def patches(folders, total, label):
+        return data.frame_patches(frame_files(folders, args.recursive), args.patch_size, total, rng, preprocessing,
+                                  field_of_view, quiet=args.quiet, desc=f"{label} patches")
 
-
-def build_parser():
-    parser = OneLineParser(
-        prog="train.py",
-        description="Train a patch classifier with nnPU/uPU/PNU from folders of frames.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--P_dataset", required=True, help="folder of positive (background-only) images")
-    parser.add_argument("--U_dataset", required=True, help="folder of unlabeled frames")
-    parser.add_argument("--N_dataset", default=None,
-                        help="optional folder of negative (aurora) images: switches to PNU learning, needs --eta")
-    parser.add_argument("--save_dir", default="Results", help="where model.keras and the reports are written")
-    parser.add_argument("--prior", type=prior_value, default="auto",
-                        help="class prior: fraction of background patches among the U patches, in (0, 1), "
-                             "or 'auto' to estimate it from P and U (BBE, see README)")
-    parser.add_argument("--nnPU", action=argparse.BooleanOptionalAction, default=True,
-                        help="non-negative PU risk (Kiryo et al. 2017); --no-nnPU gives unbiased uPU")
-    parser.add_argument("--loss", choices=["sigmoid", "logistic"], default="sigmoid", help="surrogate loss")
-    parser.add_argument("--beta", type=float, default=0.0, help="nnPU: correct when the negative risk < -beta")
-    parser.add_argument("--gamma", type=float, default=1.0, help="nnPU: step size of the correction, in [0, 1]")
-    parser.add_argument("--eta", type=float, default=None, help="PNU mix in [-1, 1] (with --N_dataset)")
-    parser.add_argument("--model", choices=sorted(MODELS), default="ResNet18", help="network")
-    parser.add_argument("--patch_size", type=data.positive_int, default=16,
-                        help="patch side in pixels (16 gives sharper masks than 32: see README, Quality)")
-    parser.add_argument("--U_n", type=data.positive_int, default=4000, help="number of U patches drawn")
-    parser.add_argument("--P_n", type=data.positive_int, default=2000, help="number of P patches drawn")
-    parser.add_argument("--N_n", type=data.positive_int, default=2000, help="number of N patches drawn (PNU)")
-    parser.add_argument("--P_n_sacrifice", type=int, default=None,
-                        help="P patches held out of training for validation (default: 10%% of P)")
-    parser.add_argument("--val_fraction", type=float, default=0.1,
-                        help="fraction of U patches held out for validation")
-    parser.add_argument("--epochs", type=data.positive_int, default=8,
-                        help=f"passes over the U patches (at least {MIN_STEPS_PER_EPOCH} batches each)")
-    parser.add_argument("--early_stopping", action=argparse.BooleanOptionalAction, default=False,
-                        help="stop when the held-out PU zero-one risk has not improved for --patience epochs, "
-                             "and keep the weights of its best epoch")
-    parser.add_argument("--patience", type=data.positive_int, default=3,
-                        help="epochs without improvement before --early_stopping stops")
-    parser.add_argument("--batchsize", type=data.positive_int, default=64, help="patches per batch, half P and half U")
-    parser.add_argument("--lr", type=float, default=3e-4,
-                        help="Adam learning rate (1e-3 can saturate the sigmoid loss before features form)")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                        help="random flips and 90-degree rotations of training patches")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for patches, splits and weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier model in --save_dir")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
+    P = patches(args.P_dataset, args.P_n, "P")
+    U = patches([args.U_dataset], args.U_n, "U")
+    N = patches([args.N_dataset], args.N_n, "N") if args.N_dataset else None
+    return P, U, N
 
 
-def check_args(args):
-    """Cross-flag checks argparse cannot express; raises CommandLineError."""
-    if args.N_dataset is not None and args.eta is None:
-        raise CommandLineError("--N_dataset needs --eta (PNU mix in [-1, 1])")
-    if args.eta is not None and not -1.0 <= args.eta <= 1.0:
-        raise CommandLineError(f"--eta: expected -1 <= eta <= 1, received {args.eta}")
-    if args.eta is not None and args.N_dataset is None:
-        raise CommandLineError("--eta needs --N_dataset (a folder of aurora examples)")
-    if args.beta < 0:
-        raise CommandLineError(f"--beta: expected beta >= 0, received {args.beta}")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise CommandLineError(f"--gamma: expected 0 <= gamma <= 1, received {args.gamma}")
-    if not args.lr > 0:
-        raise CommandLineError(f"--lr: expected a positive learning rate, received {args.lr}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise CommandLineError(f"--val_fraction: expected 0 <= fraction < 1, received {args.val_fraction}")
-    if args.batchsize < 2 or (args.N_dataset and args.batchsize < 3):
-        raise CommandLineError(f"--batchsize: every batch needs P and U patches (and N for PNU), received {args.batchsize}")
-    if args.P_n_sacrifice is not None and not 0 <= args.P_n_sacrifice < args.P_n:
-        raise CommandLineError(f"--P_n_sacrifice: expected 0 <= n < --P_n ({args.P_n}), received {args.P_n_sacrifice}")
-    for flag in ("P_dataset", "U_dataset", "N_dataset"):
-        folder = getattr(args, flag)
-        if folder is not None and not Path(folder).is_dir():
-            raise CommandLineError(f"--{flag}: {folder} is not a folder")
-    model_path = Path(args.save_dir) / "model.keras"
-    if model_path.exists() and not args.overwrite:
-        raise CommandLineError(f"{model_path} exists; pass --overwrite to replace it")
-    if Path(args.save_dir).exists() and not Path(args.save_dir).is_dir():
-        raise CommandLineError(f"--save_dir: {args.save_dir} exists and is not a folder")
+def split_holdout(n, n_holdout, rng):
+    """Indices of a random split of range(n): (training, held out)."""
+    order = rng.permutation(n)
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
 
 
-# ------------------------------------------------------ class prior
-
-# Estimated priors outside this range are not trusted: below it U would be
-# almost all aurora, above it almost none, and either way one bad threshold
-# of a noisy classifier moves the estimate a lot.
-PRIOR_RANGE = (0.05, 0.99)
-
+# ----------------------------------------------------------- class prior
 
 def patch_is_background(mask_patches, tolerance=0.0):
     """Which patches count as background (positive): the prior's one definition.
@@ -277,10 +214,11 @@ def patch_is_background(mask_patches, tolerance=0.0):
 
     Notes
     -----
-    The class prior is the mean of this over the U patches training draws.
-    A patch with no aurora pixel looks exactly like a P patch, so this is the
-    quantity a P-versus-U estimator sees (measured in the README's "Class
-    prior" section against the alternative "centre pixel not aurora").
+    The class prior is the mean of this over the U patches training draws
+    (centres in the sky). A patch with no aurora pixel looks exactly like a
+    P patch, so this is the quantity a P-versus-U estimator sees. A pixel's
+    prior (the fraction of sky pixels without aurora) is larger: a patch is
+    aurora as soon as one of its pixels is.
     """
     mask_patches = np.asarray(mask_patches, dtype=bool)
     if mask_patches.ndim != 3:
@@ -290,177 +228,46 @@ def patch_is_background(mask_patches, tolerance=0.0):
     return mask_patches.mean(axis=(1, 2)) <= tolerance
 
 
-def _bbe_point(p_sorted, u_sorted, delta, gamma, min_p_mass=0.0):
-    """BBE on sorted score arrays: the estimate q_U(c*) / q_P(c*) and its bound half-width."""
-    n_p, n_u = len(p_sorted), len(u_sorted)
-    thresholds = np.unique(np.concatenate([p_sorted, u_sorted]))
-    # q(c): fraction of scores >= c, for every candidate threshold c.
-    q_p = (n_p - np.searchsorted(p_sorted, thresholds, side="left")) / n_p
-    q_u = (n_u - np.searchsorted(u_sorted, thresholds, side="left")) / n_u
-    usable = q_p >= max(min_p_mass, 1 / n_p) - 1e-12
-    q_p, q_u = q_p[usable], q_u[usable]
-    # Garg et al. (2021), eq. (3): the DKW deviation of both tails, divided by q_P(c).
-    width = (1 + gamma) * (np.sqrt(np.log(4 / delta) / (2 * n_p)) + np.sqrt(np.log(4 / delta) / (2 * n_u))) / q_p
-    ratio = q_u / q_p
-    best = np.argmin(ratio + width)
-    return float(np.clip(ratio[best], 0.0, 1.0)), float(width[best])
+def checkerboard_folds(patch_set, patch_size):
+    """Cross-fitting fold (0 or 1) of each patch: the colour of its centre on a checkerboard of 2-patch squares.
 
-
-def bbe_prior(p_scores, u_scores, delta=0.1, gamma=0.01, n_bootstrap=200, seed=0, min_p_mass=0.0):
-    """Best Bin Estimation of the fraction of U that is drawn like P.
-
-    Garg, Wu, Smola, Balakrishnan & Lipton, "Mixture proportion estimation
-    and PU learning: a modern approach", NeurIPS 2021, Algorithm 1. With a
-    P-versus-U classifier's scores on held-out samples, for each threshold c
-    q_P(c) and q_U(c) are the fractions of P and U scoring >= c. Where the
-    top bin holds (almost) only P-like samples, q_U(c) / q_P(c) is the prior.
-    The threshold minimises the upper confidence bound
-
-        q_U(c) / q_P(c) + (1 + gamma) / q_P(c) * (sqrt(log(4/delta) / (2 n_P)) + sqrt(log(4/delta) / (2 n_U)))
-
-    over the held-out scores, and the estimate is q_U(c*) / q_P(c*) clipped to [0, 1].
-
-    Parameters
-    ----------
-    p_scores : ndarray of shape (n_P,), float
-        Scores of held-out positive (background) samples, higher = more P-like.
-    u_scores : ndarray of shape (n_U,), float
-        Scores of held-out unlabeled samples, from the same classifier.
-    delta : float
-        Confidence level of the bound, in (0, 1).
-    gamma : float
-        The bound's slack (the paper's gamma), >= 0.
-    n_bootstrap : int
-        Bootstrap resamples of the held-out scores for the uncertainty; 0 skips it.
-    seed : int
-        Seed of the bootstrap.
-    min_p_mass : float
-        Only thresholds with q_P(c) >= min_p_mass are candidates; 0 is the
-        paper's BBE. A floor keeps the top bin out of the extreme tail of P,
-        where P and the background in U differ most when they come from
-        different frames (see `estimate_prior`).
-
-    Returns
-    -------
-    estimate : float
-        In [0, 1].
-    uncertainty : float
-        Standard deviation of the estimate over bootstrap resamples of the
-        held-out P and U scores (threshold re-chosen each time). It covers
-        the sampling of the held-out data, not the training of the
-        classifier; the paper's bound half-width at c* is far wider on small
-        sets (about 0.4 for 40 P and 60 U at delta 0.1) and is not reported.
+    Held-out patches must not share pixels with the patches a classifier
+    was trained on, or it scores them by memory: neighbouring random
+    patches of a frame overlap heavily. Splitting each frame on a
+    checkerboard keeps them apart (up to the squares' borders) and puts
+    every frame, aurora frames included, on both sides. Images no larger
+    than a patch, one patch each, are dealt out one by one instead.
     """
-    p_scores = np.sort(np.asarray(p_scores, dtype=np.float64).ravel())
-    u_scores = np.sort(np.asarray(u_scores, dtype=np.float64).ravel())
-    for name, scores in (("p_scores", p_scores), ("u_scores", u_scores)):
-        if scores.size == 0:
-            raise ValueError(f"Invalid {name}: expected at least one score, received none")
-        if not np.all(np.isfinite(scores)):
-            raise ValueError(f"Invalid {name}: expected finite scores, received NaN or infinity")
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"Invalid delta: expected 0 < delta < 1, received {delta}")
-    if gamma < 0:
-        raise ValueError(f"Invalid gamma: expected gamma >= 0, received {gamma}")
-    if not 0.0 <= min_p_mass <= 1.0:
-        raise ValueError(f"Invalid min_p_mass: expected 0 <= min_p_mass <= 1, received {min_p_mass}")
-    estimate, _ = _bbe_point(p_scores, u_scores, delta, gamma, min_p_mass)
-    if n_bootstrap < 1:
-        return estimate, float("nan")
-    rng = np.random.default_rng(seed)
-    resampled = [
-        _bbe_point(np.sort(rng.choice(p_scores, p_scores.size)), np.sort(rng.choice(u_scores, u_scores.size)),
-                   delta, gamma, min_p_mass)[0]
-        for _ in range(n_bootstrap)
-    ]
-    return estimate, float(np.std(resampled))
+    square = 2 * patch_size
+    rows, cols = patch_set.centres[:, 0] // square, patch_set.centres[:, 1] // square
+    folds = (rows + cols) % 2
+    if folds.min() == folds.max():
+        folds = np.arange(len(folds)) % 2
+    return folds
 
 
-def _rank_auc(p_scores, u_scores):
-    """Mann-Whitney AUC of P over U (ties count half) and its z-score against 0.5."""
-    from scipy.stats import rankdata
-
-    n_p, n_u = len(p_scores), len(u_scores)
-    ranks = rankdata(np.concatenate([p_scores, u_scores]))
-    auc = (ranks[:n_p].sum() - n_p * (n_p + 1) / 2) / (n_p * n_u)
-    # Standard deviation of the AUC when P and U come from one distribution.
-    null_sd = np.sqrt((n_p + n_u + 1) / (12 * n_p * n_u))
-    return float(auc), float((auc - 0.5) / null_sd)
-
-
-def _random_gain_layer():
-    """The RandomGain layer class, built on first use so that importing train.py does not import Keras."""
-    import keras
-
-    class RandomGain(keras.layers.Layer):
-        """Multiply each training patch by a random brightness and per-channel colour gain.
-
-        Sky level and tint differ from frame to frame; with a few dozen frames a
-        P-versus-U classifier otherwise tells P frames from U frames by their
-        colour alone and BBE's top bin holds only P (see `estimate_prior`).
-        Inference passes patches through unchanged.
-        """
-
-        def __init__(self, gain, tint, seed=0, **kwargs):
-            super().__init__(**kwargs)
-            self.gain, self.tint = float(gain), float(tint)
-            self.generator = keras.random.SeedGenerator(seed)
-
-        def call(self, x, training=False):
-            if not training:
-                return x
-            n = keras.ops.shape(x)[0]
-            log_gain = keras.random.uniform((n, 1, 1, 1), -self.gain, self.gain, seed=self.generator)
-            log_gain = log_gain + keras.random.normal((n, 1, 1, 3), stddev=self.tint, seed=self.generator)
-            return keras.ops.clip(x * keras.ops.exp(log_gain), 0.0, 1.0)
-
-    return RandomGain
-
-
-def _RandomGain(gain, tint, seed=0):
-    return _random_gain_layer()(gain, tint, seed=seed)
-
-
-def _fold_of(n, groups, folds, rng):
-    """Cross-fitting fold of each of n samples; samples of one group (source image) share a fold."""
-    if groups is None:
-        return rng.permutation(n) % folds
-    groups = np.asarray(groups)
-    if groups.shape != (n,):
-        raise ValueError(f"Invalid groups: expected shape ({n},), received {groups.shape}")
-    names, index = np.unique(groups, return_inverse=True)
-    if len(names) < folds:
-        return rng.permutation(n) % folds
-    return (rng.permutation(len(names)) % folds)[index]
-
-
-def estimate_prior(P, U, patch_size=None, seed=0, quiet=True, folds=2, epochs=3, min_steps=150,
-                   batch_size=64, delta=0.1, min_separation=3.0, p_groups=None, u_groups=None,
-                   gain=0.5, tint=0.15, min_p_mass=0.9):
+def estimate_prior(P, U, seed=0, quiet=True, epochs=3, min_steps=150, batch_size=64, delta=0.1,
+                   min_separation=3.0, p_folds=None, u_folds=None, min_p_mass=0.9):
     """Estimate the class prior of ``U`` (fraction of background) with BBE on a cross-fitted P-versus-U CNN.
 
-    The patches are split into ``folds`` folds. For each fold a small CNN
-    (``build_cnn``) learns P (1) against U (0) with binary cross-entropy on
-    balanced, augmented batches from the other folds, and scores the fold's
-    own P and U in inference mode, so every patch gets a held-out score and
-    BBE sees all the data (with 40 P patches that matters). Each fold's scores
-    become ranks within that fold: the folds are drawn alike, so ranks are
-    comparable across folds where raw logits of different models are not.
+    The patches are split into two folds (``p_folds``, ``u_folds``; see
+    ``checkerboard_folds``). For each fold a small CNN (``build_cnn``) learns
+    P (1) against U (0) with binary cross-entropy on balanced, augmented
+    batches from the other fold, and scores the fold's own P and U in
+    inference mode, so every patch gets a held-out score. Each fold's scores become ranks within that fold, so that
+    the folds' models share one scale. ``PULoss.bbe_prior`` turns the scores
+    into the estimate.
 
     Parameters
     ----------
-    P : ndarray of shape (n_P, p, p, 3), float32 in [0, 1]
-        Positive (background) patches.
-    U : ndarray of shape (n_U, p, p, 3), float32 in [0, 1]
+    P : ndarray of shape (n_P, p, p, 3), float32
+        Positive (background) patches, prepared (``data.prepare_frame``).
+    U : ndarray of shape (n_U, p, p, 3), float32
         Unlabeled patches; the prior is the fraction of them that are background.
-    patch_size : int, optional
-        Patch side; taken from ``P`` when omitted, checked when given.
     seed : int
         Seeds the folds, the batches and the weights.
     quiet : bool
         No progress output.
-    folds : int
-        Cross-fitting folds, >= 2.
     epochs : int
         Passes over each fold's training U patches ...
     min_steps : int
@@ -470,57 +277,47 @@ def estimate_prior(P, U, patch_size=None, seed=0, quiet=True, folds=2, epochs=3,
     delta : float
         BBE's confidence level.
     min_separation : float
-        The held-out AUC must exceed 0.5 by this many null standard
-        deviations, or P and U count as indistinguishable.
-    p_groups, u_groups : ndarray of shape (n_P,) and (n_U,), optional
-        Source image of each patch; patches of one image then share a fold.
-    gain, tint : float
-        Training-time photometric augmentation of the classifier: log
-        brightness gain uniform in [-gain, gain] and per-channel log gain
-        with standard deviation ``tint`` (0 and 0 switch it off).
+        U counts as holding something P does not when either the held-out
+        AUC, or the share of U below the P scores' 1st percentile, exceeds
+        chance by this many standard deviations.
+    p_folds, u_folds : ndarray of shape (n_P,) and (n_U,), int 0 or 1, optional
+        The fold of each patch; default: dealt out at random.
     min_p_mass : float
-        `bbe_prior`'s floor on q_P(c). 0.9 rather than the paper's 0 because P
-        and U come from different frames (or nights): a flexible classifier
-        then finds P-only regions in the extreme tail, where plain BBE
-        measured 0.33 on the real patches (true 0.40) against 0.38 here, and
-        far too low on synthetic frames (README, "Class prior").
+        ``PULoss.bbe_prior``'s floor on q_P(c). 0.9 rather than the paper's 0
+        because P and U come from different frames (or nights): a flexible
+        classifier then finds P-only regions in the extreme tail, where plain
+        BBE estimates too low.
 
     Returns
     -------
     result : dict
-        ``prior`` the value to train with; ``estimate`` and ``uncertainty``
-        from `bbe_prior`; ``method`` "BBE"; ``auc`` the held-out P-versus-U
-        AUC and ``separation`` its z-score against 0.5; ``fallback`` True when
-        ``prior`` is not the estimate; ``message`` one line saying what was
-        done; ``n_P``, ``n_U`` and ``seconds``.
-
-    Warns
-    -----
-    UserWarning
-        P and U are indistinguishable (``prior`` falls back to
-        ``PRIOR_DEFAULT``), or the estimate lies outside ``PRIOR_RANGE``
-        (``prior`` is clipped into it).
+        ``estimate`` and ``uncertainty`` (``PULoss.bbe_prior``), ``method``
+        "BBE", ``auc`` the held-out P-versus-U AUC and ``separation`` its
+        z-score against 0.5, ``tail`` the share of U patches scoring below
+        the 1st percentile of P and ``tail_separation`` its z-score against
+        1%, ``distinguishable`` (either z-score >= ``min_separation``),
+        ``p_scores`` and ``u_scores`` (held-out, for `p_frames_with_aurora`),
+        ``n_P``, ``n_U`` and ``seconds``.
     """
     import keras
 
+    import PULoss
 
     P = np.asarray(P, dtype=np.float32)
     U = np.asarray(U, dtype=np.float32)
     for name, patches in (("P", P), ("U", U)):
         if patches.ndim != 4 or patches.shape[1] != patches.shape[2] or patches.shape[3] != 3:
             raise ValueError(f"Invalid {name}: expected shape (n, p, p, 3), received {patches.shape}")
-        if len(patches) < 2 * folds:
-            raise ValueError(f"Invalid {name}: expected at least {2 * folds} patches for {folds} folds, received {len(patches)}")
+        if len(patches) < 4:
+            raise ValueError(f"Invalid {name}: expected at least 4 patches for 2 folds, received {len(patches)}")
     if P.shape[1:] != U.shape[1:]:
         raise ValueError(f"Invalid patches: P is {P.shape[1:]} but U is {U.shape[1:]}")
-    patch_size = P.shape[1] if patch_size is None else patch_size
-    if patch_size != P.shape[1]:
-        raise ValueError(f"Invalid patch_size: expected the patches' side {P.shape[1]}, received {patch_size}")
 
     started = time.time()
     rng = np.random.default_rng(seed)
-    p_fold = _fold_of(len(P), p_groups, folds, rng)
-    u_fold = _fold_of(len(U), u_groups, folds, rng)
+    folds = 2
+    p_fold = rng.permutation(len(P)) % folds if p_folds is None else np.asarray(p_folds)
+    u_fold = rng.permutation(len(U)) % folds if u_folds is None else np.asarray(u_folds)
     p_scores = np.empty(len(P))
     u_scores = np.empty(len(U))
 
@@ -532,122 +329,126 @@ def estimate_prior(P, U, patch_size=None, seed=0, quiet=True, folds=2, epochs=3,
     for fold in range(folds):
         keras.utils.set_random_seed(seed + fold)
         P_fit, U_fit = P[p_fold != fold], U[u_fold != fold]
+        held_p, held_u = p_fold == fold, u_fold == fold
         steps = max(epochs * math.ceil(len(U_fit) / (batch_size - batch_size // 2)), min_steps)
-        batches = data.make_pu_dataset(P_fit, U_fit, batch_size, seed=seed + fold, augment=True, steps_per_epoch=steps)
-        model = build_cnn(patch_size)
-        trainer = keras.Sequential([_RandomGain(gain, tint, seed=seed + fold), model]) if gain or tint else model
-        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss=cross_entropy)
+        batches = data.make_pu_dataset(P_fit, U_fit, batch_size, seed=seed + fold, augment=True,
+                                       steps_per_epoch=steps)
+        model = build_cnn(P.shape[1])
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss=cross_entropy)
         if not quiet:
             print(f"train.py: prior estimation, fold {fold + 1} of {folds}: P-versus-U classifier")
-        trainer.fit(batches, epochs=1, verbose=0 if quiet else 2)
+        model.fit(iter(batches), steps_per_epoch=len(batches), epochs=1, shuffle=False, verbose=0 if quiet else 2)
         n_cal = min(len(P_fit), len(U_fit), 512)
         recalibrate_batch_norm(model, np.concatenate([P_fit[rng.choice(len(P_fit), n_cal, replace=False)],
                                                       U_fit[rng.choice(len(U_fit), n_cal, replace=False)]]))
-        held_p, held_u = p_fold == fold, u_fold == fold
-        logits = segmentation.predict_logits(model, np.concatenate([P[held_p], U[held_u]]))
+        logits = data.predict_logits(model, np.concatenate([P[held_p], U[held_u]]))
         # Ranks within the fold, in (0, 1]: one scale for every fold's model.
         order = np.argsort(np.argsort(logits, kind="stable"), kind="stable")
         ranks = (order + 1) / len(logits)
         p_scores[held_p], u_scores[held_u] = ranks[:held_p.sum()], ranks[held_p.sum():]
 
-    estimate, uncertainty = bbe_prior(p_scores, u_scores, delta=delta, seed=seed, min_p_mass=min_p_mass)
-    auc, separation = _rank_auc(p_scores, u_scores)
-    result = dict(prior=estimate, estimate=estimate, uncertainty=uncertainty, method="BBE", auc=auc,
-                  separation=separation, fallback=False, n_P=len(P), n_U=len(U))
+    estimate, uncertainty = PULoss.bbe_prior(p_scores, u_scores, delta=delta, seed=seed, min_p_mass=min_p_mass)
+    auc, separation = PULoss.rank_auc(p_scores, u_scores)
+    # Rare aurora barely moves the AUC (1% of U changes it by 0.005); a small
+    # U-only tail below almost all of P is the stronger sign of it.
+    floor = np.quantile(p_scores, 0.01)
+    tail = float(np.mean(u_scores < floor))
+    expected = float(np.mean(p_scores < floor))
+    spread = np.sqrt(expected * (1 - expected) * (1 / len(U) + 1 / len(P))) + 1e-12
+    tail_separation = (tail - expected) / spread
+    return {"estimate": estimate, "uncertainty": uncertainty, "method": "BBE", "auc": auc, "separation": separation,
+            "tail": tail, "tail_separation": float(tail_separation),
+            "distinguishable": bool(max(separation, tail_separation) >= min_separation),
+            "p_scores": p_scores, "u_scores": u_scores, "n_P": len(P), "n_U": len(U),
+            "seconds": round(time.time() - started, 1)}
+
+
+def resolve_prior(estimate):
+    """The prior to train with from ``estimate_prior``'s result, or a UsageError saying why there is none.
+
+    P and U that a classifier cannot tell apart, or an estimate above the
+    top of ``PRIOR_RANGE``, mean U holds no aurora the classifier can find:
+    training would have nothing to learn, so it stops and says what to do.
+    An estimate below the range is clipped into it, with a warning.
+    """
     low, high = PRIOR_RANGE
-    if separation < min_separation:
-        result.update(prior=PRIOR_DEFAULT, fallback=True, message=(
-            f"P and U look alike to a P-versus-U classifier (held-out AUC {auc:.3f}, {separation:.1f} standard "
-            f"deviations from chance), so the class prior cannot be estimated (BBE gave {estimate:.3f}); "
-            f"using the default {PRIOR_DEFAULT}. Check that --U_dataset holds aurora, or pass --prior"))
-    elif not low <= estimate <= high:
-        clipped = float(np.clip(estimate, low, high))
-        result.update(prior=clipped, fallback=True, message=(
-            f"estimated class prior {estimate:.3f} is outside [{low}, {high}], where the estimate is unreliable; "
-            f"using {clipped}. Pass --prior to override"))
-    else:
-        result["message"] = f"estimated class prior {estimate:.3f} +- {uncertainty:.3f} (BBE, held-out AUC {auc:.3f})"
-    if result["fallback"]:
-        warnings.warn(result["message"], stacklevel=2)
-    result["seconds"] = round(time.time() - started, 1)
-    return result
+    value = estimate["estimate"]
+    if not estimate["distinguishable"] or value > high:
+        why = (f"P and U look alike to a P-versus-U classifier (held-out AUC {estimate['auc']:.3f}, "
+               f"{estimate['separation']:.1f} and {estimate['tail_separation']:.1f} standard deviations from chance)"
+               if not estimate["distinguishable"] else
+               f"the estimated class prior is {value:.3f}: almost no U patch differs from P")
+        raise data.UsageError(f"{why}, so --U_dataset seems to hold no aurora. Give U frames with aurora, or, if U "
+                              f"does hold aurora that looks like the sky in P, pass --prior (the fraction of U "
+                              f"patches without aurora)")
+    if value < low:
+        warnings.warn(f"estimated class prior {value:.3f} is below {low}, where the estimate is unreliable; "
+                      f"using {low}. Pass --prior to override", stacklevel=2)
+        return low
+    return value
 
 
-# ---------------------------------------------------------- training
+def p_frames_with_aurora(estimate, prior, P, threshold=0.05):
+    """P frames that hold patches like U's aurora, which P must not (``estimate_prior``'s scores).
 
-def make_loss(args):
-    """The loss the flags select: PNULoss with --N_dataset, else PULoss (nnPU or uPU)."""
+    The U patches scoring lowest (least like P) are aurora when U holds
+    aurora; below the score under which half of U's estimated aurora lies,
+    a clean P has (almost) no patch. A P frame with more than ``threshold``
+    of its patches there most likely shows aurora. Returns their names.
+    """
+    aurora = max(1.0 - prior, 0.0)
+    if aurora < 0.02:
+        return []
+    cut = np.quantile(estimate["u_scores"], aurora / 2)
+    below = estimate["p_scores"] < cut
+    names = []
+    for frame in np.unique(P.frame_of):
+        mine = P.frame_of == frame
+        if mine.sum() >= 5 and below[mine].mean() > threshold:
+            names.append(P.names[frame])
+    return names
+
+
+# --------------------------------------------------------------- training
+
+def make_loss(args, prior):
+    """The loss the flags select: PNULoss with --N_dataset, else PULoss (nnPU or uPU, balanced or not)."""
     from PULoss import PNULoss, PULoss
 
     common = dict(loss=args.loss, gamma=args.gamma, beta=args.beta, nnPU=args.nnPU)
     if args.N_dataset is not None:
-        return PNULoss(args.prior, args.eta, **common)
-    return PULoss(args.prior, **common)
+        return PNULoss(prior, args.eta, **common)
+    return PULoss(prior, balanced=args.balanced, **common)
 
 
-def train(args):
-    """Fit the model described by ``args`` (the parsed flags) and write the outputs.
-
-    Returns a dict of the resolved configuration, written as config.json.
-    """
+def fit_model(args, prior, P_train, U_train, N_train, P_val, U_val, seed, backup):
+    """Fit one model; returns (model, history dict). Risks per epoch go to history.csv."""
     import keras
-    import tensorflow as tf
 
     from PULoss import pu_loss, pu_risk, pu_zero_one_risk
 
-    rng = np.random.default_rng(args.seed)
-    keras.utils.set_random_seed(args.seed)
-    save_dir = Path(args.save_dir)
-    patch = args.patch_size
-
-    # Data: random patches per folder, then held-out P and U for validation.
-    P = load_patches(args.P_dataset, args.P_n, patch, rng, args.quiet)
-    U = load_patches(args.U_dataset, args.U_n, patch, rng, args.quiet)
-    N = load_patches(args.N_dataset, args.N_n, patch, rng, args.quiet) if args.N_dataset else None
-    n_p_val = args.P_n_sacrifice if args.P_n_sacrifice is not None else len(P) // 10
-    n_p_val = min(n_p_val, len(P) - 1)
-    n_u_val = min(int(round(args.val_fraction * len(U))), len(U) - 1)
-    P_train, P_val = split_holdout(P, n_p_val, rng)
-    U_train, U_val = split_holdout(U, n_u_val, rng)
-
-    # Class prior: estimated from the very P and U patches training uses, so
-    # that it is the fraction of background among the U patches the loss sees.
-    # From here on args.prior is that float for the loss, metrics and validation.
-    prior_estimate = None
-    if args.prior == "auto":
-        prior_estimate = estimate_prior(P_train, U_train, patch, seed=args.seed, quiet=args.quiet)
-        if not args.quiet:
-            print(f"train.py: estimated prior {prior_estimate['estimate']:.2f} "
-                  f"+- {prior_estimate['uncertainty']:.2f} ({prior_estimate['method']})"
-                  + (f", using {prior_estimate['prior']:.2f}" if prior_estimate["fallback"] else ""))
-        args = argparse.Namespace(**{**vars(args), "prior": float(prior_estimate["prior"])})
-        # The estimator's models drew from the global seed; training starts afresh.
-        keras.utils.set_random_seed(args.seed)
-    def make_batches(steps_per_epoch=None):
-        if N is None:
-            return data.make_pu_dataset(P_train, U_train, args.batchsize, seed=args.seed,
-                                        augment=args.augment, steps_per_epoch=steps_per_epoch)
-        return data.make_pnu_dataset(P_train, N, U_train, args.batchsize, seed=args.seed,
-                                     augment=args.augment, steps_per_epoch=steps_per_epoch)
-
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    if N_train is None:
+        batches = data.make_pu_dataset(P_train, U_train, args.batchsize, seed=seed, augment=args.augment)
+    else:
+        batches = data.make_pnu_dataset(P_train, N_train, U_train, args.batchsize, seed=seed, augment=args.augment)
     # An epoch is one pass over the U patches, but at least MIN_STEPS_PER_EPOCH
     # batches, so that a folder of a hundred patches still trains.
-    batches = make_batches()
     if len(batches) < MIN_STEPS_PER_EPOCH:
-        batches = make_batches(MIN_STEPS_PER_EPOCH)
-    loss = make_loss(args)
+        batches.steps = MIN_STEPS_PER_EPOCH
 
-    # Model: the risk parts are logged as metrics so history.csv shows them.
-    model = MODELS[args.model](patch)
+    model = MODELS[args.model](args.patch_size)
 
     def positive_risk(y_true, y_pred):
-        return pu_risk(y_true, y_pred, args.prior, args.loss)["positive_risk"]
+        return pu_risk(y_true, y_pred, prior, args.loss)["positive_risk"]
 
     def negative_risk(y_true, y_pred):
-        return pu_risk(y_true, y_pred, args.prior, args.loss)["negative_risk"]
+        return pu_risk(y_true, y_pred, prior, args.loss)["negative_risk"]
 
-    metrics = [positive_risk, negative_risk] if N is None else []
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr), loss=loss, metrics=metrics)
+    metrics = [positive_risk, negative_risk] if N_train is None else []
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr), loss=make_loss(args, prior),
+                  metrics=metrics)
 
     # BatchNorm calibration sample: drawn like a training batch, half P, half U.
     n_cal = min(len(P_train), len(U_train), 512)
@@ -661,65 +462,237 @@ def train(args):
 
         def on_epoch_end(self, epoch, logs=None):
             recalibrate_batch_norm(self.model, calibration)
-            if logs is None or len(x_val) == 0:
+            if logs is None or len(P_val) == 0 or len(U_val) == 0:
                 return
-            logits = segmentation.predict_logits(self.model, x_val)
-            logs["val_pu_zero_one_risk"] = float(pu_zero_one_risk(y_val, logits, args.prior))
-            logs["val_nnpu_risk"] = float(pu_loss(y_val, logits, args.prior, args.loss, beta=args.beta))
-            logs["val_negative_risk"] = float(pu_risk(y_val, logits, args.prior, args.loss)["negative_risk"])
+            logits = data.predict_logits(self.model, x_val)
+            logs["val_pu_zero_one_risk"] = float(pu_zero_one_risk(y_val, logits, prior))
+            logs["val_nnpu_risk"] = float(pu_loss(y_val, logits, prior, args.loss, beta=args.beta,
+                                                  balanced=args.balanced))
+            logs["val_negative_risk"] = float(pu_risk(y_val, logits, prior, args.loss)["negative_risk"])
 
-    save_dir.mkdir(parents=True, exist_ok=True)
-    backup = save_dir / "backup"
-    if args.overwrite and backup.exists():
-        shutil.rmtree(backup)
     callbacks = [
         Validate(),
         # After Validate, which adds val_pu_zero_one_risk to the epoch's logs.
         *([keras.callbacks.EarlyStopping(monitor="val_pu_zero_one_risk", mode="min", patience=args.patience,
-                                         restore_best_weights=True)] if args.early_stopping and len(x_val) else []),
+                                         restore_best_weights=True)] if args.early_stopping else []),
         keras.callbacks.TerminateOnNaN(),
         # Checkpoints every epoch; an interrupted run resumes from the last one.
         keras.callbacks.BackupAndRestore(str(backup)),
-        keras.callbacks.CSVLogger(str(save_dir / "history.csv")),
+        keras.callbacks.CSVLogger(str(Path(args.save_dir) / "history.csv"), append=backup_has_checkpoint(backup)),
     ]
-    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    if not args.quiet:
-        print(f"train.py: {len(P_train)} P and {len(U_train)} U training patches, "
-              f"{len(P_val)} P and {len(U_val)} U held out; {args.model} on {device}")
+    # shuffle=False: the batches are shuffled already, by seed (data.PUBatches).
+    history = model.fit(iter(batches), steps_per_epoch=len(batches), epochs=args.epochs, callbacks=callbacks,
+                        shuffle=False, verbose=0 if args.quiet else 2)
+    if any(not np.isfinite(value) for value in history.history.get("loss", [])):
+        raise TrainingFailed("training diverged (the loss became NaN); try a smaller --lr")
+    if args.early_stopping:
+        recalibrate_batch_norm(model, calibration)  # the restored weights' own statistics
+    return model, history.history
+
+
+def collapse(prior, u_aurora, p_aurora, n_u):
+    """Why a trained model is useless, or None: it calls (almost) no U patch aurora, or (almost) all.
+
+    Parameters
+    ----------
+    prior : float
+        The class prior trained with: U should hold about ``1 - prior`` aurora.
+    u_aurora : float
+        Fraction of the U patches (all of them, for power at priors near 1)
+        the model calls aurora.
+    p_aurora : float
+        Fraction of held-out P patches it calls aurora.
+    n_u : int
+        U patches counted.
+
+    Notes
+    -----
+    A model that finds less than a tenth of the aurora the prior announces,
+    when that tenth is at least 5 patches, has collapsed to "background
+    everywhere"; one that calls more than half of the held-out P, or
+    nearly all of U, aurora has collapsed to "aurora everywhere". Empty masks
+    on a night without aurora are fine, but then the prior would have said so
+    (``resolve_prior``).
+    """
+    expected = 1.0 - prior
+    if 0.1 * expected * n_u >= 5 and u_aurora < 0.1 * expected:
+        return (f"the model calls {u_aurora:.2%} of the U patches aurora where the prior {prior:.3f} says "
+                f"{expected:.2%} are: it has collapsed to 'no aurora anywhere'")
+    if p_aurora > 0.5 or u_aurora > 1.0 - 0.1 * prior:
+        return (f"the model calls {p_aurora:.0%} of the held-out P patches and {u_aurora:.0%} of the U patches "
+                f"aurora: it has collapsed to 'aurora everywhere'")
+    return None
+
+
+def p_coverage(P, U, factor=1.5):
+    """U frames whose sky is unlike every P frame (``data.sky_conditions``), which P should then include.
+
+    Each frame is described by a few numbers (sky level and colour, glow,
+    saturation, bright structure), standardized; a U frame is unlike P when
+    its distance to the nearest P frame exceeds ``factor`` times the largest
+    distance between a P frame and its nearest other P frame.
+    """
+    conditions = np.concatenate([P.conditions, U.conditions])
+    scale = conditions.std(axis=0) + 1e-6
+    p_points, u_points = P.conditions / scale, U.conditions / scale
+    if len(p_points) < 2:
+        return []
+    between_p = np.linalg.norm(p_points[:, None] - p_points[None], axis=2)
+    np.fill_diagonal(between_p, np.inf)
+    reach = factor * between_p.min(axis=1).max()
+    nearest = np.linalg.norm(u_points[:, None] - p_points[None], axis=2).min(axis=1)
+    return [U.names[k] for k in np.argsort(-nearest) if nearest[k] > reach]
+
+
+def train(args):
+    """Fit the model described by ``args`` (the parsed flags) and write the outputs.
+
+    Returns a dict of the resolved configuration, written as config.json.
+
+    Raises
+    ------
+    data.UsageError
+        Bad input found while reading (no usable frame, P and U alike, aurora in P).
+    TrainingFailed
+        Every attempt collapsed or diverged; config.json says why, no model.keras is written.
+    """
+    import keras
+
+    rng = np.random.default_rng(args.seed)
+    keras.utils.set_random_seed(args.seed)
+    save_dir = Path(args.save_dir)
     started = time.time()
-    history = model.fit(batches, epochs=args.epochs, callbacks=callbacks, verbose=0 if args.quiet else 2)
-    seconds = time.time() - started
-    if model.stop_training and any(not np.isfinite(v) for v in history.history.get("loss", [])):
-        raise CommandLineError("training diverged (loss is NaN); try a smaller --lr")
 
-    # The saved model is an uncompiled copy: stock layers only, no project module needed.
-    inference_model = MODELS[args.model](patch)
-    inference_model.set_weights(model.get_weights())
-    inference_model.save(save_dir / "model.keras")
+    # Data: every frame prepared as segmentation will prepare it, then patches.
+    paths = frame_files(args.P_dataset, args.recursive) + frame_files([args.U_dataset], args.recursive)
+    preprocessing = resolve_preprocessing(args, paths)
+    P, U, N = load_patch_sets(args, preprocessing, rng)
+    n_p_val = min(args.P_n_sacrifice if args.P_n_sacrifice is not None else len(P.patches) // 10,
+                  len(P.patches) - 1)
+    n_u_val = min(int(round(args.val_fraction * len(U.patches))), len(U.patches) - 1)
+    p_train, p_val = split_holdout(len(P.patches), n_p_val, rng)
+    u_train, u_val = split_holdout(len(U.patches), n_u_val, rng)
 
-    u_val_logits = segmentation.predict_logits(model, U_val)
-    p_val_logits = segmentation.predict_logits(model, P_val)
+    # Class prior: estimated from the very P and U patches training uses, so
+    # that it is the fraction of background among the U patches the loss sees.
+    prior_estimate, aurora_in_p = None, []
+    if args.prior == "auto":
+        estimate = estimate_prior(P.patches[p_train], U.patches[u_train], seed=args.seed, quiet=args.quiet,
+                                  p_folds=checkerboard_folds(P, args.patch_size)[p_train],
+                                  u_folds=checkerboard_folds(U, args.patch_size)[u_train])
+        prior = resolve_prior(estimate)
+        prior_estimate = {key: value for key, value in estimate.items() if key not in ("p_scores", "u_scores")}
+        prior_estimate["prior"] = prior
+        aurora_in_p = p_frames_with_aurora(estimate, prior, P._replace(frame_of=P.frame_of[p_train]))
+        if aurora_in_p:
+            raise data.UsageError(
+                f"{len(aurora_in_p)} P frame(s) look like U's aurora (first: {aurora_in_p[0]}): P must hold no "
+                f"aurora at all; remove them from --P_dataset")
+        if not args.quiet:
+            print(f"train.py: estimated prior {estimate['estimate']:.3f} +- {estimate['uncertainty']:.3f} "
+                  f"(BBE, held-out P-versus-U AUC {estimate['auc']:.3f})")
+    else:
+        prior = float(args.prior)
+
+    # Training, then the collapse check on all of U; a collapsed attempt is
+    # tried again from other initial weights before giving up.
+    backup = save_dir / "backup"
+    backup.mkdir(parents=True, exist_ok=True)
+    (backup / BACKUP_SETTINGS).write_text(json.dumps(_backup_settings(args)))
+    attempts, model, history, failure = [], None, {}, None
+    for attempt in range(args.attempts):
+        seed = args.seed + 1000 * attempt
+        if attempt:
+            for checkpoint in backup.iterdir():
+                if checkpoint.name != BACKUP_SETTINGS:
+                    shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink()
+            if not args.quiet:
+                print(f"train.py: attempt {attempt + 1} of {args.attempts}, seed {seed}: {failure}")
+        model, history = fit_model(args, prior, P.patches[p_train], U.patches[u_train],
+                                   None if N is None else N.patches, P.patches[p_val], U.patches[u_val], seed,
+                                   backup)
+        u_logits = data.predict_logits(model, U.patches)
+        p_val_logits = data.predict_logits(model, P.patches[p_val]) if len(p_val) else np.zeros(0)
+        u_aurora = float(np.mean(u_logits < 0))
+        p_aurora = float(np.mean(p_val_logits < 0)) if len(p_val) else 0.0
+        failure = collapse(prior, u_aurora, p_aurora, len(U.patches))
+        attempts.append({"seed": seed, "U_fraction_aurora": u_aurora, "heldout_P_fraction_aurora": p_aurora,
+                         "collapsed": failure})
+        if failure is None:
+            break
+    shutil.rmtree(backup, ignore_errors=True)
+    final_risk = None
+    if len(p_val) and len(u_val):
+        from PULoss import pu_zero_one_risk
+
+        labels = np.concatenate([np.ones(len(p_val)), -np.ones(len(u_val))]).astype("float32")
+        final_risk = float(pu_zero_one_risk(labels, np.concatenate([p_val_logits, u_logits[u_val]]), prior))
+
+    unlike_p = p_coverage(P, U)
+    device = device_name()
     config = {
-        **{k: v for k, v in vars(args).items()},
-        "P_patches": [len(P_train), len(P_val)],
-        "U_patches": [len(U_train), len(U_val)],
-        "N_patches": None if N is None else len(N),
-        "method": "PNU" if N is not None else ("nnPU" if args.nnPU else "uPU"),
-        "device": device,
-        "train_seconds": round(seconds, 1),
-        "epochs_run": len(history.history.get("loss", [])),
+        **{key: value for key, value in vars(args).items() if key != "prior"},
+        "prior": prior, "prior_given": None if args.prior == "auto" else float(args.prior),
         "prior_estimate": prior_estimate,
-        "heldout_U_fraction_aurora": float(np.mean(u_val_logits < 0)) if len(U_val) else None,
-        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "numpy": np.__version__},
+        "preprocessing": preprocessing,
+        "P_frames": len(P.names), "U_frames": len(U.names),
+        "P_patches": [len(p_train), len(p_val)], "U_patches": [len(u_train), len(u_val)],
+        "N_patches": None if N is None else len(N.patches),
+        "method": "PNU" if N is not None else ("nnPU" if args.nnPU else "uPU"),
+        "backend": keras.backend.backend(), "device": device,
+        "train_seconds": round(time.time() - started, 1),
+        "epochs_run": len(history.get("loss", [])),
+        "attempts": attempts,
+        "status": "collapsed" if failure else "ok",
+        "failure": failure,
+        "heldout_U_fraction_aurora": float(np.mean(u_logits[u_val] < 0)) if len(u_val) else None,
+        "final_val_pu_zero_one_risk": final_risk,
+        "U_fraction_aurora": u_aurora,
+        "U_frames_unlike_P": unlike_p,
+        "frames_without_border": {"P": P.skyless, "U": U.skyless},
+        "versions": {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
+                     **({"tensorflow": _tensorflow_version()} if keras.backend.backend() == "tensorflow" else {})},
     }
-    (save_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    plot_history(save_dir / "history.csv", save_dir / "loss.png")
-    plot_predictions(p_val_logits, u_val_logits, save_dir / "prediction.png")
-    if backup.exists():
-        shutil.rmtree(backup)
+    (save_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if (save_dir / "history.csv").exists():
+        plot_history(save_dir / "history.csv", save_dir / "loss.png")
+    plot_predictions(p_val_logits, u_logits[u_val] if len(u_val) else u_logits, save_dir / "prediction.png")
+    if failure:
+        raise TrainingFailed(f"{failure} in {len(attempts)} attempt(s); no model.keras was written "
+                             f"(see {save_dir / 'config.json'}). Check that P holds no aurora and that --prior "
+                             f"fits U, or try --lr {args.lr / 3:.0e}")
+    # The saved model is an uncompiled copy: stock layers only, no project module needed.
+    inference_model = MODELS[args.model](args.patch_size)
+    inference_model.set_weights(model.get_weights())
+    data.save_model(inference_model, save_dir / "model.keras", preprocessing)
     return config
 
+
+def device_name():
+    """"GPU" or "CPU": where the Keras backend in use runs."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform.upper()
+    import torch
+
+    return "GPU" if torch.cuda.is_available() else "CPU"
+
+
+def _tensorflow_version():
+    import tensorflow as tf
+
+    return tf.__version__
+
+
+# --------------------------------------------------------------- reports
 
 def plot_history(history_csv, path):
     """Learning curves from history.csv into ``path`` (PNG)."""
@@ -760,24 +733,216 @@ def plot_predictions(p_logits, u_logits, path):
     fig.savefig(path, dpi=100)
 
 
+# ------------------------------------------------------------------- CLI
+
+def prior_value(text):
+    """argparse type for --prior: ``auto`` (estimate it, see `estimate_prior`) or a number strictly between 0 and 1."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), received {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 < prior < 1, received {text}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage block) and exit with 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    parser = OneLineParser(
+        prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train an aurora patch classifier with PU learning from a folder of aurora-free frames (P) "
+                    "and a folder of ordinary frames (U) of the same camera.",
+        epilog="example:\n  python train.py --P_dataset dataset/Positive --U_dataset dataset/Unlabelled\n"
+               "exit codes: 0 model written, 2 bad input (nothing written), 3 training failed (no model.keras; "
+               "the reason in config.json)")
+    essential = parser.add_argument_group("essential")
+    essential.add_argument("--P_dataset", required=True, nargs="+", metavar="FOLDER",
+                           help="one or more folders of aurora-free frames (P, the background)")
+    essential.add_argument("--U_dataset", required=True, metavar="FOLDER",
+                           help="folder of ordinary frames, with and without aurora (U)")
+    essential.add_argument("--save_dir", default="Results", help="where model.keras and the reports go "
+                                                                  "(default: %(default)s)")
+    essential.add_argument("--prior", type=prior_value, default="auto",
+                           help="fraction of U patches without aurora, or 'auto' to estimate it (default: auto)")
+    essential.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                           help="replace an earlier model in --save_dir")
+    essential.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress output")
+
+    frames = parser.add_argument_group("frames")
+    frames.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=False,
+                        help="also read the frames of sub-folders")
+    frames.add_argument("--field_of_view", default=None, metavar="FILE",
+                        help="the sky: a picture (nonzero = sky), or with --min_elevation an elevation map "
+                             "(degrees); default: the fisheye circle of each frame")
+    frames.add_argument("--min_elevation", type=float, default=None, metavar="DEGREES",
+                        help="with an elevation map: leave out the sky below this elevation")
+    frames.add_argument("--normalize", choices=["auto", *data.NORMALIZATIONS], default="auto",
+                        help="what the model sees: 'background' = each frame's excess over its sky's background in "
+                             "noise units, 'none' = the frame itself; auto: background for whole frames, none for "
+                             "images that are patches (default: auto)")
+
+    model = parser.add_argument_group("model and training (advanced)")
+    model.add_argument("--model", choices=sorted(MODELS), default="ResNet18",
+                       help="network: ResNet18, or CNN (small and fast) (default: %(default)s)")
+    model.add_argument("--patch_size", type=data.positive_int, default=16,
+                       help="patch side in pixels; the mask is as sharp as half a patch (default: %(default)s)")
+    model.add_argument("--epochs", type=data.positive_int, default=8,
+                       help=f"passes over the U patches, at least {MIN_STEPS_PER_EPOCH} batches each "
+                            f"(default: %(default)s)")
+    model.add_argument("--batchsize", type=data.positive_int, default=64,
+                       help="patches per batch, half P and half U (default: %(default)s)")
+    model.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: %(default)s)")
+    model.add_argument("--seed", type=data.nonnegative_int, default=0,
+                       help="random seed for patches, splits and weights (default: %(default)s)")
+    model.add_argument("--attempts", type=data.positive_int, default=3,
+                       help="trainings from other initial weights when a model collapses (default: %(default)s)")
+    model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="random flips and 90-degree rotations of training patches")
+    model.add_argument("--early_stopping", action=argparse.BooleanOptionalAction, default=False,
+                       help="stop when the held-out PU zero-one risk has not improved for --patience epochs and keep "
+                            "the best epoch's weights")
+    model.add_argument("--patience", type=data.positive_int, default=3,
+                       help="epochs without improvement before --early_stopping stops (default: %(default)s)")
+    model.add_argument("--U_n", type=data.positive_int, default=4000,
+                       help="U patches drawn (default: %(default)s)")
+    model.add_argument("--P_n", type=data.positive_int, default=2000,
+                       help="P patches drawn (default: %(default)s)")
+    model.add_argument("--P_n_sacrifice", type=data.nonnegative_int, default=None, metavar="N",
+                       help="P patches held out for validation; default 10%% of --P_n")
+    model.add_argument("--val_fraction", type=float, default=0.1,
+                       help="share of U patches held out for validation (default: %(default)s)")
+
+    risk = parser.add_argument_group("PU risk (advanced)")
+    risk.add_argument("--nnPU", action=argparse.BooleanOptionalAction, default=True,
+                      help="non-negative PU risk (Kiryo et al. 2017); --no-nnPU gives the unbiased uPU risk")
+    risk.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=True,
+                      help="weigh background and aurora equally in the risk (Su et al. 2021), so that rare aurora "
+                           "counts")
+    risk.add_argument("--loss", choices=["logistic", "sigmoid"], default="logistic",
+                      help="surrogate of the zero-one loss (default: %(default)s)")
+    risk.add_argument("--beta", type=float, default=0.0,
+                      help="nnPU: correct when the negative risk falls below -beta (default: %(default)s)")
+    risk.add_argument("--gamma", type=float, default=1.0,
+                      help="nnPU: step size of the correction, in [0, 1] (default: %(default)s)")
+    risk.add_argument("--N_dataset", default=None, metavar="FOLDER",
+                      help="folder of aurora examples (N): PNU learning (Sakai et al. 2017), needs --eta")
+    risk.add_argument("--N_n", type=data.positive_int, default=2000, help="N patches drawn (default: %(default)s)")
+    risk.add_argument("--eta", type=float, default=None,
+                      help="PNU: weight of the PU risk (eta > 0) or the NU risk (eta < 0) against the PN risk, in "
+                           "[-1, 1]")
+    parser.add_argument("--backend_logs", action=argparse.BooleanOptionalAction, default=False,
+                        help="show the Keras backend's own start-up messages")
+    return parser
+
+
+def check_args(args):
+    """Cross-flag checks argparse cannot express; raises data.UsageError before anything is written."""
+    if args.N_dataset is not None and args.eta is None:
+        raise data.UsageError("--N_dataset needs --eta (PNU mix in [-1, 1])")
+    if args.eta is not None and not -1.0 <= args.eta <= 1.0:
+        raise data.UsageError(f"--eta: expected -1 <= eta <= 1, received {args.eta}")
+    if args.eta is not None and args.N_dataset is None:
+        raise data.UsageError("--eta needs --N_dataset (a folder of aurora examples)")
+    if args.beta < 0:
+        raise data.UsageError(f"--beta: expected beta >= 0, received {args.beta}")
+    if not 0.0 <= args.gamma <= 1.0:
+        raise data.UsageError(f"--gamma: expected 0 <= gamma <= 1, received {args.gamma}")
+    if not args.lr > 0:
+        raise data.UsageError(f"--lr: expected a positive learning rate, received {args.lr}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise data.UsageError(f"--val_fraction: expected 0 <= fraction < 1, received {args.val_fraction}")
+    if args.batchsize < 2 or (args.N_dataset and args.batchsize < 3):
+        raise data.UsageError(f"--batchsize: every batch needs P and U patches (and N for PNU), "
+                              f"received {args.batchsize}")
+    if args.P_n_sacrifice is not None and not args.P_n_sacrifice < args.P_n:
+        raise data.UsageError(f"--P_n_sacrifice: expected 0 <= n < --P_n ({args.P_n}), "
+                              f"received {args.P_n_sacrifice}")
+    if args.early_stopping and (args.val_fraction == 0 or args.P_n_sacrifice == 0):
+        raise data.UsageError("--early_stopping needs held-out P and U patches: --val_fraction > 0 and "
+                              "--P_n_sacrifice > 0")
+    if args.min_elevation is not None and not args.field_of_view:
+        raise data.UsageError("--min_elevation needs --field_of_view (a map of elevation in degrees)")
+    for flag, folders in (("P_dataset", args.P_dataset), ("U_dataset", [args.U_dataset]),
+                          ("N_dataset", [args.N_dataset] if args.N_dataset else [])):
+        for folder in folders:
+            if not Path(folder).is_dir():
+                raise data.UsageError(f"--{flag}: {folder} is not a folder")
+    save_dir = Path(args.save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise data.UsageError(f"--save_dir: {args.save_dir} exists and is not a folder")
+    if (save_dir / "model.keras").exists() and not args.overwrite:
+        raise data.UsageError(f"{save_dir / 'model.keras'} exists; pass --overwrite to replace it")
+    check_backup(args)
+
+
+BACKUP_SETTINGS = "settings.json"
+
+
+def backup_has_checkpoint(backup):
+    """Whether ``backup/`` holds a checkpoint of an interrupted run (more than its settings)."""
+    return backup.is_dir() and any(path.name != BACKUP_SETTINGS for path in backup.iterdir())
+
+
+def _backup_settings(args):
+    """The flags an interrupted run must share with this one to be resumed from its backup."""
+    return {key: value for key, value in vars(args).items() if key not in ("quiet", "overwrite", "backend_logs")}
+
+
+def check_backup(args):
+    """Refuse to resume a ``backup/`` of an interrupted run that had other flags; start it over with --overwrite."""
+    backup = Path(args.save_dir) / "backup"
+    if not backup.exists():
+        return
+    if args.overwrite:
+        shutil.rmtree(backup)
+        return
+    if not backup_has_checkpoint(backup):
+        return  # no checkpoint: nothing to resume
+    recorded_path = backup / BACKUP_SETTINGS
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.exists() else {}
+    current = json.loads(json.dumps(_backup_settings(args)))
+    changed = sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
+    if changed:
+        raise data.UsageError(f"{backup} holds an interrupted run with other settings ({', '.join(changed)}); "
+                              f"pass --overwrite to start again, or the same flags to resume it")
+
+
 def main(argv=None):
+    """Run the command line; returns the exit code (0 ok, 2 bad input, 3 training failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-
     try:
         with warnings.catch_warnings():
-            # A skipped file is worth one line, not a source listing.
+            # A skipped file is worth one line, not a source listing; the
+            # libraries' notes to their own developers are not the user's.
             warnings.showwarning = lambda message, *_, **__: print(f"train.py: warning: {message}", file=sys.stderr)
+            warnings.simplefilter("ignore", DeprecationWarning)
             check_args(args)
+            data.import_keras(args.backend_logs)
             config = train(args)
-    except (CommandLineError, data.DataError) as error:
+    except data.UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailed as error:
+        print(f"train.py: training failed: {error}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     if not args.quiet:
-        fraction = config["heldout_U_fraction_aurora"]
         print(f"train.py: wrote model.keras, config.json, history.csv, loss.png and prediction.png to {args.save_dir}")
-        if fraction is not None:
-            print(f"train.py: held-out U predicted aurora: {fraction:.3f} (1 - prior = {1 - config['prior']:.3f})")
+        print(f"train.py: the model calls {config['U_fraction_aurora']:.1%} of the U patches aurora; the prior "
+              f"{config['prior']:.3f} says {1 - config['prior']:.1%} are")
+    if config["U_frames_unlike_P"]:
+        names = config["U_frames_unlike_P"]
+        print(f"train.py: warning: {len(names)} U frame(s) have a sky unlike every P frame ({', '.join(names[:5])}"
+              f"{', ...' if len(names) > 5 else ''}): add aurora-free frames like them to --P_dataset if their "
+              f"masks follow the sky", file=sys.stderr)
     return 0
 
 

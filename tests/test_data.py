@@ -263,14 +263,14 @@ def test_get_data_missing_folder(tmp_path):
 
 def test_data_shuffle_reproducible_and_keeps_pairs():
     X = np.arange(20).reshape(10, 2)
-    Y = np.arange(10) * 10
+    Y = np.where(np.arange(10) % 3 == 0, 1, -1)  # +1 P, -1 U
     first, labels = data.data_shuffle(X, Y, seed=3)
     again, _ = data.data_shuffle(X, Y, seed=3)
     other, _ = data.data_shuffle(X, Y, seed=4)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
-    np.testing.assert_array_equal(first[:, 0] * 5, labels)
-    assert sorted(labels) == list(Y)
+    np.testing.assert_array_equal(Y[first[:, 0] // 2], labels)  # each sample keeps its label
+    assert sorted(labels) == sorted(Y)
 
 
 def test_data_shuffle_length_mismatch():
@@ -386,16 +386,24 @@ def test_pnu_batch_size_too_small():
         data.make_pnu_dataset(tagged_patches(2, 0), tagged_patches(2, 0), tagged_patches(2, 0), 2)
 
 
-def test_pu_sequence_feeds_keras_fit():
+def test_pu_batches_feed_keras_fit_epoch_after_epoch():
     import keras
 
     P, U = tagged_patches(6, 0, size=8) / 10, tagged_patches(20, 1, size=8) / 30
     batches = data.make_pu_dataset(P, U, 4)
-    assert isinstance(batches, data.PUSequence) and isinstance(batches, keras.utils.PyDataset)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
-    history = model.fit(batches, epochs=2, verbose=0)
+    history = model.fit(iter(batches), steps_per_epoch=len(batches), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
+    assert batches.epoch >= 1  # the iterator moved on to a new epoch's order
+
+
+def test_labels_outside_the_convention_are_refused():
+    with pytest.raises(ValueError, match=r"Invalid labels: expected \+1 positive, -1 unlabeled, received 0"):
+        data.data_shuffle(np.zeros((3, 2)), np.array([1, 0, 1]), seed=0)
+    data.data_shuffle(np.zeros((3, 2)), np.array([1, 0, -1]), seed=0, allowed=data.PNU_LABELS)
+    with pytest.raises(ValueError, match=r"received 2"):
+        data.check_labels([1, 2, -1])
 
 
 # ------------------------------------------------------------ synthetic frames

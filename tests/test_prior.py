@@ -7,6 +7,8 @@ import re
 import numpy as np
 import pytest
 
+import data
+import PULoss
 import train
 from conftest import write_png
 
@@ -32,7 +34,7 @@ def test_bbe_recovers_a_known_mixture_of_scores(prior):
     p_scores = rng.normal(2, 1, n)
     from_p = rng.random(n) < prior
     u_scores = np.where(from_p, rng.normal(2, 1, n), rng.normal(-2, 1, n))
-    estimate, uncertainty = train.bbe_prior(p_scores, u_scores)
+    estimate, uncertainty = PULoss.bbe_prior(p_scores, u_scores)
     assert abs(estimate - prior) <= 0.03, estimate
     assert 0 < uncertainty < 0.05
 
@@ -40,13 +42,13 @@ def test_bbe_recovers_a_known_mixture_of_scores(prior):
 def test_bbe_is_invariant_to_monotone_transforms_of_the_scores():
     rng = np.random.default_rng(1)
     p_scores, u_scores = rng.normal(1, 1, 500), rng.normal(0, 1, 800)
-    assert train.bbe_prior(p_scores, u_scores, n_bootstrap=0)[0] == train.bbe_prior(
+    assert PULoss.bbe_prior(p_scores, u_scores, n_bootstrap=0)[0] == PULoss.bbe_prior(
         np.exp(p_scores), np.exp(u_scores), n_bootstrap=0)[0]
 
 
 def test_bbe_of_identical_scores_is_one():
     scores = np.linspace(0, 1, 101)
-    assert train.bbe_prior(scores, scores, n_bootstrap=0)[0] == 1.0
+    assert PULoss.bbe_prior(scores, scores, n_bootstrap=0)[0] == 1.0
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -57,7 +59,7 @@ def test_bbe_of_identical_scores_is_one():
 ])
 def test_bbe_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        train.bbe_prior(**kwargs)
+        PULoss.bbe_prior(**kwargs)
 
 
 def test_patch_is_background_counts_aurora_pixels():
@@ -76,28 +78,62 @@ def test_estimate_prior_on_a_known_mix():
     rng = np.random.default_rng(0)
     P = dark(rng, 300)
     U = np.concatenate([dark(rng, 300), green(rng, 200)])  # prior 0.6
-    result = train.estimate_prior(P, U, 16, seed=0, min_steps=60)
+    result = train.estimate_prior(P, U, seed=0, min_steps=60)
     assert abs(result["estimate"] - 0.6) <= 0.1, result
-    assert result["prior"] == result["estimate"] and not result["fallback"]
-    assert result["method"] == "BBE" and result["auc"] > 0.6
-    json.dumps(result)  # goes into config.json as it is
+    assert result["distinguishable"] and result["method"] == "BBE" and result["auc"] > 0.6
+    assert train.resolve_prior(result) == result["estimate"]
 
 
-def test_estimate_prior_warns_and_falls_back_when_p_and_u_look_alike():
+def test_rare_aurora_is_found_by_the_tail_though_the_auc_hardly_moves():
+    rng = np.random.default_rng(3)
+    P = dark(rng, 1500)
+    U = np.concatenate([dark(rng, 2940), green(rng, 60)])  # prior 0.98
+    result = train.estimate_prior(P, U, seed=0, min_steps=60)
+    assert result["separation"] < 3 < result["tail_separation"], result
+    assert result["distinguishable"]
+    assert 0.95 <= train.resolve_prior(result) <= 0.995
+
+
+def test_p_and_u_alike_stop_with_what_to_do():
     rng = np.random.default_rng(1)
     P = dark(rng, 200)
-    with pytest.warns(UserWarning, match=r"P and U look alike .* using the default 0\.4"):
-        result = train.estimate_prior(P, P.copy(), seed=0, min_steps=40)
-    assert result["fallback"] and result["prior"] == train.PRIOR_DEFAULT
-    assert "cannot be estimated" in result["message"]
+    result = train.estimate_prior(P, dark(rng, 200), seed=0, min_steps=40)
+    assert not result["distinguishable"], result
+    with pytest.raises(data.UsageError, match=r"P and U look alike .* holds? no aurora.*pass --prior"):
+        train.resolve_prior(result)
+
+
+def test_an_estimate_above_the_range_stops_and_one_below_is_clipped():
+    above = {"estimate": 0.999, "distinguishable": True, "auc": 0.5, "separation": 0.0, "tail_separation": 4.0}
+    with pytest.raises(data.UsageError, match=r"estimated class prior is 0\.999"):
+        train.resolve_prior(above)
+    with pytest.warns(UserWarning, match=r"below 0\.05"):
+        assert train.resolve_prior({**above, "estimate": 0.01}) == train.PRIOR_RANGE[0]
 
 
 def test_estimate_prior_rejects_bad_input():
     rng = np.random.default_rng(2)
     with pytest.raises(ValueError, match=r"Invalid U: expected at least 4 patches for 2 folds, received 3"):
         train.estimate_prior(dark(rng, 10), dark(rng, 3))
-    with pytest.raises(ValueError, match=r"Invalid patch_size: expected the patches' side 16, received 32"):
-        train.estimate_prior(dark(rng, 10), dark(rng, 10), 32)
+    with pytest.raises(ValueError, match=r"Invalid patches: P is \(16, 16, 3\) but U is \(8, 8, 3\)"):
+        train.estimate_prior(dark(rng, 10), dark(rng, 10, 8))
+
+
+def test_checkerboard_folds_keep_held_out_patches_apart_and_every_frame_on_both_sides():
+    rows, cols = np.meshgrid(np.arange(8, 200, 8), np.arange(8, 200, 8), indexing="ij")
+    centres = np.stack([rows.ravel(), cols.ravel()], axis=1)
+    frames = np.repeat([0, 1], len(centres) // 2 + 1)[: len(centres)]
+    patch_set = data.PatchSet(None, frames, centres, ["a", "b"], None, [])
+    folds = train.checkerboard_folds(patch_set, 16)
+    assert set(folds[frames == 0]) == {0, 1} and set(folds[frames == 1]) == {0, 1}
+    # Two patches of different folds are never closer than a patch (same square: same fold).
+    for fold in (0, 1):
+        squares = set(map(tuple, centres[folds == fold] // 32))
+        other = set(map(tuple, centres[folds != fold] // 32))
+        assert not squares & other
+    # Patch-sized images (one patch each, all centred alike) are dealt out instead.
+    alike = data.PatchSet(None, np.arange(6), np.full((6, 2), 16), list("abcdef"), None, [])
+    assert sorted(train.checkerboard_folds(alike, 32)) == [0, 0, 0, 1, 1, 1]
 
 
 # ------------------------------------------------------------ through train.py
@@ -129,11 +165,26 @@ def test_prior_auto_is_the_default_and_is_recorded(folders, tmp_path):
     assert train.main(arguments(folders, tmp_path, "--epochs", "1")) == 0
     config = json.loads((tmp_path / "config.json").read_text())
     estimate = config["prior_estimate"]
-    assert estimate["method"] == "BBE" and isinstance(config["prior"], float)
-    assert config["prior"] == estimate["prior"] and 0 < config["prior"] < 1
-    # A float still overrides, and then nothing is estimated.
-    args = train.build_parser().parse_args(arguments(folders, tmp_path, "--prior", "0.7"))
-    assert args.prior == 0.7
+    assert estimate["method"] == "BBE" and estimate["distinguishable"] is True
+    assert config["prior"] == estimate["prior"] == pytest.approx(estimate["estimate"])
+    assert config["prior_given"] is None
+    # Two of the five U frames hold a green band over half of them: the truth is near 0.8.
+    assert 0.6 < config["prior"] < 0.95, config["prior"]
+
+
+def test_given_prior_is_used_and_nothing_is_estimated(folders, tmp_path):
+    assert train.main(arguments(folders, tmp_path, "--epochs", "1", "--prior", "0.7")) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["prior"] == config["prior_given"] == 0.7 and config["prior_estimate"] is None
+
+
+def test_u_without_aurora_stops_with_exit_2_and_writes_nothing(folders, tmp_path, capsys):
+    save_dir = tmp_path / "out"
+    code = train.main(arguments(folders, save_dir, "--U_dataset", str(folders / "P")))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("train.py: error: ") and "seems to hold no aurora" in err and "--prior" in err
+    assert not (save_dir / "model.keras").exists()
 
 
 def test_bad_prior_is_one_line_with_exit_2(folders, tmp_path, capsys):
@@ -144,14 +195,20 @@ def test_bad_prior_is_one_line_with_exit_2(folders, tmp_path, capsys):
     assert len(lines) == 1 and re.search(r"argument --prior: expected a number in \(0, 1\), received 'abc'", lines[0])
 
 
-def test_early_stopping_runs_and_keeps_the_best_epoch(folders, tmp_path):
-    code = train.main(arguments(folders, tmp_path, "--prior", "0.6", "--epochs", "4", "--early_stopping",
+def test_early_stopping_keeps_the_weights_of_the_best_epoch(folders, tmp_path):
+    code = train.main(arguments(folders, tmp_path, "--prior", "0.8", "--epochs", "4", "--early_stopping",
                                 "--patience", "1"))
     assert code == 0
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["early_stopping"] is True and config["patience"] == 1
     assert 2 <= config["epochs_run"] <= 4
     with open(tmp_path / "history.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == config["epochs_run"]
-    assert all(np.isfinite(float(row["val_pu_zero_one_risk"])) for row in rows)
+        risks = [float(row["val_pu_zero_one_risk"]) for row in csv.DictReader(f)]
+    assert len(risks) == config["epochs_run"]
+    # The saved weights score the held-out split as the best epoch did, not as the last one.
+    assert config["final_val_pu_zero_one_risk"] == pytest.approx(min(risks), abs=1e-6)
+
+
+def test_early_stopping_without_held_out_data_is_refused(folders, tmp_path, capsys):
+    assert train.main(arguments(folders, tmp_path / "o", "--early_stopping", "--val_fraction", "0")) == 2
+    assert "--early_stopping needs held-out P and U patches" in capsys.readouterr().err

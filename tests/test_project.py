@@ -37,7 +37,7 @@ def test_quick_start_is_install_train_segment_with_real_paths():
     segment_argv = shlex.split(segment_command)
     assert segment_argv[:2] == ["python", "segmentation.py"]
     segment_args = segmentation.build_parser().parse_args(segment_argv[2:])
-    for folder in (train_args.P_dataset, train_args.U_dataset, segment_args.dataset, segment_args.masks):
+    for folder in (*train_args.P_dataset, train_args.U_dataset, segment_args.dataset, segment_args.masks):
         assert (ROOT / folder).is_dir(), folder
     # Segmentation reads the model the training command writes.
     assert (ROOT / segment_args.model) == ROOT / train_args.save_dir / "model.keras"

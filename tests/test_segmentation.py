@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import segmentation
+from data import sky_mask
 from segmentation import (
     grid_coordinates,
     interpolate_grid,
@@ -29,7 +31,6 @@ from segmentation import (
     mask_metrics,
     pad_frame,
     patch_windows,
-    sky_mask,
 )
 
 GAIN = 20.0
@@ -496,18 +497,29 @@ def test_mask_metrics_hand_computed_and_empty_masks():
     assert mask_metrics(empty, ~empty) == {"iou": 0.0, "precision": 1.0, "recall": 0.0}
 
 
-def test_color_filter_blue_is_aurora_red_is_background():
+def test_color_filter_is_black_for_background_and_bright_yellow_for_aurora():
     colors = segmentation.color_filter(np.array([[1.0, 0.0, 0.5]], np.float32))
     assert colors.dtype == np.uint8 and colors.shape == (1, 3, 3)
-    np.testing.assert_array_equal(colors[0, 0], [0, 0, 255])
-    np.testing.assert_array_equal(colors[0, 1], [255, 0, 0])
-    assert colors[0, 2].min() > 250  # white in the middle
+    assert colors[0, 1].max() < 10  # background: black
+    assert colors[0, 0, 0] > 240 and colors[0, 0, 1] > 240 and colors[0, 0, 2] < 200  # aurora: yellow
+    luminance = colors[0].astype(float) @ [0.299, 0.587, 0.114]
+    assert luminance[1] < luminance[2] < luminance[0]  # brighter means more likely aurora, in grey too
+
+
+def test_overlay_draws_the_mask_in_magenta_and_leaves_the_rest():
+    shown = np.full((7, 7, 3), 100, np.uint8)
+    mask = np.zeros((7, 7), bool)
+    mask[2:5, 2:5] = True
+    drawn = segmentation.overlay(shown, mask)
+    np.testing.assert_array_equal(drawn[~mask], shown[~mask])
+    np.testing.assert_array_equal(drawn[2, 2], segmentation.MASK_COLOUR)  # outline
+    assert drawn[3, 3, 1] < 100 < drawn[3, 3, 0]  # inside: magenta blended in
 
 
 def test_model_input_shape_must_be_square_rgb():
     model = keras.Sequential([keras.Input((4, 6, 3)), keras.layers.Flatten(), keras.layers.Dense(1)])
-    with pytest.raises(segmentation.UsageError, match=r"expected input shape \(None, patch, patch, 3\)"):
-        segmentation.patch_size_of(model)
+    with pytest.raises(data.UsageError, match=r"expected input shape \(None, patch, patch, 3\)"):
+        data.patch_size_of(model)
 
 
 # ---------------------------------------------------------------------------
@@ -553,24 +565,27 @@ def test_cli_outputs_summary_and_iou(tmp_path, model_file, capsys):
 
     colors = np.asarray(Image.open(out / "color_filter" / "half.png"))
     assert colors.shape == (12, 16, 3) and colors.dtype == np.uint8
-    assert colors[0, 0, 2] == 255 and colors[0, 0, 0] < 10  # blue: aurora
-    assert colors[0, -1, 0] == 255 and colors[0, -1, 2] < 10  # red: background
+    np.testing.assert_array_equal(colors, segmentation.color_filter(probability))
     overlaid = np.asarray(Image.open(out / "overlay" / "half.png"))
     assert overlaid.shape == (12, 16, 3) and overlaid.dtype == np.uint8
-    assert abs(int(overlaid[0, 0, 2]) - round(0.6 * 51 + 0.4 * 255)) <= 1  # 0.6 * frame + 0.4 * filter
+    np.testing.assert_array_equal(overlaid[:, 5], np.tile(segmentation.MASK_COLOUR, (12, 1)))  # mask outline
+    assert (overlaid[:, 6:, 0] == overlaid[:, 6:, 1]).all()  # grey background untouched
     figure = Image.open(out / "figure" / "half.png")
     assert figure.mode in ("RGB", "RGBA") and figure.size[0] > figure.size[1] * 2
 
     rows = read_summary(out)
-    assert list(rows[0]) == ["file", "rows", "cols", "aurora_fraction", "mean_p_aurora", "seconds", "patches",
-                             "iou", "precision", "recall"]
+    assert list(rows[0]) == ["file", "frame", "name", "time", "rows", "cols", "aurora_fraction", "mean_p_aurora",
+                             "seconds", "patches", "true_fraction", "iou", "precision", "recall", "false_aurora"]
     assert [row["file"] for row in rows] == ["half.png", "mean"]
+    assert (rows[0]["frame"], rows[0]["name"], rows[0]["time"]) == ("", "half", "")
     assert (rows[0]["rows"], rows[0]["cols"], rows[0]["patches"]) == ("12", "16", str(12 * 16))
     assert float(rows[0]["aurora_fraction"]) == pytest.approx(6 / 16)
     assert float(rows[0]["mean_p_aurora"]) == pytest.approx(probability.mean(), rel=1e-5)
+    assert float(rows[0]["true_fraction"]) == pytest.approx(0.5)
     assert float(rows[0]["iou"]) == pytest.approx(0.75)
     assert float(rows[0]["precision"]) == pytest.approx(1.0)
     assert float(rows[0]["recall"]) == pytest.approx(0.75)
+    assert rows[0]["false_aurora"] == ""  # only for frames without true aurora
 
 
 def test_cli_refine_snaps_a_loose_mask_and_no_refine_keeps_the_threshold(tmp_path, capsys):

@@ -45,7 +45,7 @@ def folders(tmp_path_factory):
 def base_args(folders, save_dir, *extra):
     return ["--P_dataset", str(folders / "P"), "--U_dataset", str(folders / "U"),
             "--save_dir", str(save_dir), "--patch_size", "16", "--P_n", "200", "--U_n", "400",
-            "--epochs", "1", "--batchsize", "32", "--quiet", "--prior", str(train.PRIOR_DEFAULT), *extra]
+            "--epochs", "1", "--batchsize", "32", "--quiet", "--prior", "0.4", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +65,18 @@ def test_cli_writes_every_output(trained):
 
 def test_config_records_the_resolved_settings(trained, folders):
     config = json.loads((trained / "config.json").read_text())
-    assert config["prior"] == train.PRIOR_DEFAULT
-    assert config["method"] == "nnPU"
+    assert config["prior"] == config["prior_given"] == 0.4
+    assert config["method"] == "nnPU" and config["balanced"] is True and config["loss"] == "logistic"
     assert config["model"] == "CNN"
-    assert config["P_dataset"] == str(folders / "P")
+    assert config["P_dataset"] == [str(folders / "P")]
+    assert config["P_frames"] == 6 and config["U_frames"] == 8
     assert config["P_patches"] == [180, 20] and config["U_patches"] == [360, 40]
-    assert config["epochs_run"] == 2
-    assert set(config["versions"]) >= {"tensorflow", "keras", "numpy"}
-    # Round trip: the recorded flags parse back into the same settings.
-    args = train.build_parser().parse_args(base_args(folders, trained, "--model", config["model"]))
-    assert args.patch_size == config["patch_size"] and args.prior == config["prior"]
+    assert config["epochs_run"] == 2 and config["status"] == "ok" and config["failure"] is None
+    assert config["backend"] == "tensorflow" and config["device"] in ("CPU", "GPU")
+    assert set(config["versions"]) >= {"keras", "numpy"}
+    # 48-pixel frames are three 16-pixel patches wide: too small to normalize by a background.
+    assert config["preprocessing"]["normalize"] == "none"
+    assert config["preprocessing"]["camera_range"] == [0.0, 255.0]
 
 
 def test_history_has_risks_per_epoch(trained):
@@ -113,11 +115,12 @@ def test_resnet18_classifies_held_out_patches_in_inference_mode(folders, tmp_pat
     assert accuracy >= 0.9, accuracy
 
 
-def test_no_nnpu_selects_upu(folders, tmp_path):
-    args = train.build_parser().parse_args(base_args(folders, tmp_path, "--no-nnPU"))
-    loss = train.make_loss(args)
-    assert type(loss).__name__ == "PULoss" and loss.nnPU is False
-    assert train.make_loss(train.build_parser().parse_args(base_args(folders, tmp_path))).nnPU is True
+def test_no_nnpu_selects_upu_and_no_balanced_the_plain_risk(folders, tmp_path):
+    args = train.build_parser().parse_args(base_args(folders, tmp_path, "--no-nnPU", "--no-balanced"))
+    loss = train.make_loss(args, 0.4)
+    assert type(loss).__name__ == "PULoss" and loss.nnPU is False and loss.balanced is False
+    loss = train.make_loss(train.build_parser().parse_args(base_args(folders, tmp_path)), 0.4)
+    assert loss.nnPU is True and loss.balanced is True and loss.loss == "logistic" and loss.prior == 0.4
 
 
 def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
@@ -141,7 +144,10 @@ def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
     (["--gamma", "2"], r"--gamma: expected 0 <= gamma <= 1, received 2.0"),
     (["--beta", "-1"], r"--beta: expected beta >= 0, received -1.0"),
     (["--model", "VGG"], r"argument --model: invalid choice: 'VGG'"),
-    (["--patch_size", "64"], r"P: none of its 6 image files could be used for 64x64 patches"),
+    (["--patch_size", "64"], r"P: none of its 6 files gave a frame usable for 64x64 patches"),
+    (["--seed", "-1"], r"argument --seed: expected an integer >= 0, received -1"),
+    (["--P_n_sacrifice", "-2"], r"argument --P_n_sacrifice: expected an integer >= 0, received -2"),
+    (["--min_elevation", "10"], r"--min_elevation needs --field_of_view"),
 ])
 def test_bad_flags_exit_2_with_one_line(folders, tmp_path, capsys, extra, message):
     save_dir = tmp_path / "out"
@@ -184,6 +190,7 @@ def test_existing_model_is_not_overwritten(folders, tmp_path, capsys):
 def test_cli_runs_as_a_script(folders, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--P_dataset" in result.stdout and "(default: auto)" in result.stdout
+    assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *base_args(folders, tmp_path, "--prior", "2")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
