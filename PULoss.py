@@ -115,17 +115,18 @@ def pu_risk(y_true, y_pred, prior, loss="sigmoid"):
     }
 
 
-def non_negative_objective(positive_risk, negative_risk, gamma=1.0, beta=0.0, nnPU=True):
+def non_negative_objective(positive_risk, negative_risk, gamma=1.0, beta=0.0, nnPU=True, ascent=None):
     """Combine the two partial risks as uPU or nnPU ([2], Algorithm 1).
 
     uPU (``nnPU=False``): value and gradient of ``positive_risk +
     negative_risk``. nnPU: the same while ``negative_risk >= -beta``;
     otherwise the value reported is ``positive_risk - beta`` but the gradient
-    back-propagated is that of ``-gamma * negative_risk``, a step of gradient
-    ascent that pushes the negative risk back up. This mirrors the reference
-    Chainer implementation (kiryor/nnPUlearning), which reports one value and
-    back-propagates another. Both branches are computed and one is selected
-    with ``ops.where``; the reported value is attached to the back-propagated
+    back-propagated is that of ``-gamma * ascent`` (``ascent`` defaults to
+    ``negative_risk``), a step of gradient ascent that pushes the negative
+    risk back up. This mirrors the reference Chainer implementation
+    (kiryor/nnPUlearning), which reports one value and back-propagates
+    another. Both branches are computed and one is selected with
+    ``ops.where``; the reported value is attached to the back-propagated
     graph with ``stop_gradient``. ``gamma`` comes before ``beta`` here as in
     every function and class of this module.
 
@@ -140,7 +141,8 @@ def non_negative_objective(positive_risk, negative_risk, gamma=1.0, beta=0.0, nn
         return upu
     corrected = negative_risk < -beta
     reported = ops.where(corrected, positive_risk - beta, upu)
-    backpropagated = ops.where(corrected, -gamma * negative_risk, upu)
+    ascent = negative_risk if ascent is None else ascent
+    backpropagated = ops.where(corrected, -gamma * ascent, upu)
     return backpropagated + ops.stop_gradient(reported - backpropagated)
 
 
@@ -153,6 +155,12 @@ def class_weights(prior, balanced):
     prior 0.5. A logit > 0 then means that the patch is more likely under
     the background's distribution than under the aurora's (a likelihood
     ratio above 1), not that background is more probable in U.
+
+    The nnPU correction still ascends the unweighted negative risk
+    (`pu_loss`): weighted, its step grows with 0.5 / (1 - prior), 12-fold at
+    a prior of 0.96, and with the unbounded logistic loss each such step
+    pushes every P patch toward aurora hard enough to end in "aurora
+    everywhere".
     """
     if not balanced:
         return 1.0, 1.0
@@ -170,7 +178,8 @@ def pu_loss(y_true, y_pred, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=Tru
     risk = pu_risk(y_true, y_pred, prior, loss)
     positive_weight, negative_weight = class_weights(prior, balanced)
     return non_negative_objective(
-        positive_weight * risk["positive_risk"], negative_weight * risk["negative_risk"], gamma, beta, nnPU
+        positive_weight * risk["positive_risk"], negative_weight * risk["negative_risk"], gamma, beta, nnPU,
+        ascent=risk["negative_risk"],
     )
 
 

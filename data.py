@@ -911,23 +911,40 @@ def _nan_percentile(values, percentile):
     return np.where(counts > 0, picked, np.nan)
 
 
-def pixel_noise(image, sky, floor):
+def pixel_noise(image, sky, floor, background=None):
     """Per-channel standard deviation of the pixel noise, robustly, from neighbour differences.
 
     Differences of horizontally adjacent sky pixels cancel everything that
-    varies slowly (background, aurora, moonlight), so their median absolute
-    deviation / (0.6745 * sqrt(2)) estimates the noise alone. Returns an
-    ndarray of shape (channels,), float32, each at least ``floor`` (half a
-    count: JPEG compression can flatten a dark sky to a single value).
+    varies slowly (background, moonlight), so their median absolute
+    deviation / (0.6745 * sqrt(2)) estimates the noise. Aurora is not slow:
+    the rays of an arc would inflate the estimate, and the noise of a frame
+    with aurora would then read smaller than that of a frame without, a
+    difference a P-versus-U classifier learns instead of the aurora. With
+    ``background`` given, the estimate is repeated on the pairs of pixels
+    that both lie less than two first estimates above the background, which
+    leaves out aurora and stars. Returns an ndarray of shape (channels,),
+    float32, each at least ``floor`` (half a count: JPEG compression can
+    flatten a dark sky to a single value).
     """
     step = max(1, image.shape[0] // 512)
     rows = image[::step]
     both = sky[::step, 1:] & sky[::step, :-1]
-    differences = (rows[:, 1:] - rows[:, :-1])[both]
-    if len(differences) < 16:
+
+    def estimate(pairs):
+        differences = (rows[:, 1:] - rows[:, :-1])[pairs]
+        if len(differences) < 16:
+            return None
+        deviation = np.median(np.abs(differences - np.median(differences, axis=0)), axis=0)
+        return np.maximum(1.4826 * deviation / np.sqrt(2), floor).astype(np.float32)
+
+    noise = estimate(both)
+    if noise is None:
         return np.full(image.shape[2], floor, np.float32)
-    deviation = np.median(np.abs(differences - np.median(differences, axis=0)), axis=0)
-    return np.maximum(1.4826 * deviation / np.sqrt(2), floor).astype(np.float32)
+    if background is not None:
+        quiet = ((rows - background[::step]) < 2 * noise).all(axis=2)
+        refined = estimate(both & quiet[:, 1:] & quiet[:, :-1])
+        noise = noise if refined is None else refined
+    return noise
 
 
 def normalize_frame(image, sky, quantum, method="background"):
@@ -965,7 +982,7 @@ def normalize_frame(image, sky, quantum, method="background"):
     if method != "background":
         raise ValueError(f"Invalid method: expected one of {NORMALIZATIONS}, received {method!r}")
     background = sky_background(image, sky)
-    noise = pixel_noise(image, sky, 0.5 * quantum)
+    noise = pixel_noise(image, sky, 0.5 * quantum, background)
     normalized = background  # reused in place: one full-size temporary, not three
     np.subtract(image, background, out=normalized)
     normalized /= noise * np.float32(NORMALIZE_SOFTENING)

@@ -1015,12 +1015,14 @@ def keogram_line(array, sky, north="up"):
     return np.ascontiguousarray(line)
 
 
-def night_groups(rows):
+def night_groups(rows, camera="frames"):
     """Summary rows grouped by camera and night: a list of (name, rows in time order).
 
     A camera is a source folder and frame size; a night ends where two of
     its frames are more than ``NIGHT_GAP_HOURS`` apart. Rows without a time
-    belong to no night; groups of fewer than ``NIGHT_MIN_FRAMES`` are left out.
+    belong to no night; groups of fewer than ``NIGHT_MIN_FRAMES`` are left
+    out. Names start with the sub-folder, or ``camera`` (the dataset
+    folder's name) for frames at the top.
     """
     cameras = {}
     for row in rows:
@@ -1042,9 +1044,9 @@ def night_groups(rows):
     for night in groups:
         if len(night) < NIGHT_MIN_FRAMES:
             continue
-        camera = Path(night[0]["file"]).parent.name or "frames"
+        folder = Path(night[0]["file"]).parent.name or camera
         start = _parse_time(night[0]["time"]).strftime("%Y%m%d_%H%M")
-        named.append((f"{camera}_{night[0]['cols']}x{night[0]['rows']}_{start}", night))
+        named.append((f"{folder}_{night[0]['cols']}x{night[0]['rows']}_{start}", night))
     return named
 
 
@@ -1529,13 +1531,16 @@ def write_summary(path, rows, columns):
     _atomic(path, write)
 
 
-def finish_run(save_dir, rows, columns, summary_path, quiet):
-    """Write the summary and the night figures of finished rows; return the nights written."""
+def finish_run(save_dir, rows, columns, summary_path, camera):
+    """Write the summary and the night figures of finished rows; return the nights written.
+
+    ``camera`` names nights of frames at the top of the dataset (its folder's name).
+    """
     rows = sort_rows(rows)
     write_summary(summary_path, rows, columns)
     nights = []
     slices_folder = Path(save_dir) / ".keogram"
-    for name, night in night_groups(rows):
+    for name, night in night_groups(rows, camera):
         slices = {}
         for row in night:
             path = slices_folder / f"{row['name']}.npy"
@@ -1546,6 +1551,12 @@ def finish_run(save_dir, rows, columns, summary_path, quiet):
             write_night(save_dir, name, night, slices)
             nights.append(name)
     return nights
+
+
+def camera_name(dataset):
+    """What nights of frames at the top of ``dataset`` are called: its folder's name (a file's folder)."""
+    dataset = Path(dataset)
+    return (dataset.parent if data.frame_suffix(dataset) else dataset).resolve().name or "frames"
 
 
 def merge_shards(save_dir, quiet=False):
@@ -1577,7 +1588,7 @@ def merge_shards(save_dir, quiet=False):
         with open(summary, newline="") as handle:
             columns = next(csv.reader(handle))
         rows += read_journal(journal, columns + ["_index"])
-    finish_run(save_dir, rows, columns, save_dir / "summary.csv", quiet)
+    finish_run(save_dir, rows, columns, save_dir / "summary.csv", camera_name(settings[0]["settings"]["dataset"]))
     return len(rows)
 
 
@@ -1678,8 +1689,6 @@ def segment_files(args, model, preprocessing, sources, masks, field_of_view, jou
                 except data.DataError as error:
                     skipped.append(str(error))
                     continue
-                finally:
-                    slots.release()
                 rows.append(row)
                 if not sky_found:
                     borderless.append(row["name"])
@@ -1707,9 +1716,11 @@ def segment_files(args, model, preprocessing, sources, masks, field_of_view, jou
                 p_aurora = aurora_probability(logits)
                 p_aurora[~prepared.sky] = 0.0
                 seconds += time.perf_counter() - started
-                slots.acquire()
-                pending.append(writers.submit(_finish_frame, args, args.save_dir, source, frame, prepared, p_aurora,
-                                              p_aurora > args.threshold, patches, masks, journal, seconds))
+                slots.acquire()  # a writer's slot: bounds the frames held in memory
+                future = writers.submit(_finish_frame, args, args.save_dir, source, frame, prepared, p_aurora,
+                                        p_aurora > args.threshold, patches, masks, journal, seconds)
+                future.add_done_callback(lambda _: slots.release())
+                pending.append(future)
             collect(block=False)
         collect(block=True)
     return rows, skipped, borderless
@@ -1901,7 +1912,7 @@ def main(argv=None):
     seconds = time.perf_counter() - started
     all_rows = earlier + [{key: ("" if value is None else value) for key, value in row.items()} for row in rows]
     if args.shard is None:
-        nights = finish_run(save_dir, all_rows, columns, files["summary"], args.quiet)
+        nights = finish_run(save_dir, all_rows, columns, files["summary"], camera_name(args.dataset))
     else:
         write_summary(files["summary"], sort_rows(all_rows), columns)
         nights = []

@@ -603,9 +603,10 @@ def train(args):
     for attempt in range(args.attempts):
         seed = args.seed + 1000 * attempt
         if attempt:
-            for checkpoint in backup.iterdir():
-                if checkpoint.name != BACKUP_SETTINGS:
-                    shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink()
+            # A new attempt starts from scratch, not from the last one's checkpoint.
+            shutil.rmtree(backup, ignore_errors=True)
+            backup.mkdir(parents=True)
+            (backup / BACKUP_SETTINGS).write_text(json.dumps(_backup_settings(args)))
             if not args.quiet:
                 print(f"train.py: attempt {attempt + 1} of {args.attempts}, seed {seed}: {failure}")
         model, history = fit_model(args, prior, P.patches[p_train], U.patches[u_train],

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import keras
-import tensorflow as tf
 
 from PULoss import PNULoss, PULoss, pnu_loss, pu_loss, pu_risk, pu_zero_one_risk
 
@@ -28,7 +27,8 @@ def ref_pu(y, z, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True, balanced
     """(reported value, objective whose gradient is back-propagated).
 
     Balanced (Su, Chen & Xu 2021, target prior 0.5): the positive risk is
-    weighted 0.5 / prior and the negative risk 0.5 / (1 - prior).
+    weighted 0.5 / prior and the negative risk 0.5 / (1 - prior); the nnPU
+    correction ascends the unweighted negative risk.
     """
     w_pos, w_neg = (0.5 / prior, 0.5 / (1 - prior)) if balanced else (1.0, 1.0)
 
@@ -38,7 +38,8 @@ def ref_pu(y, z, prior, loss="sigmoid", gamma=1.0, beta=0.0, nnPU=True, balanced
 
     pos, neg = parts(z)
     if nnPU and neg < -beta:
-        return pos - beta, lambda zz: -gamma * parts(zz)[1]
+        # The correction ascends the unweighted negative risk, whatever the class weights.
+        return pos - beta, lambda zz: -gamma * ref_parts(y, zz, prior, loss)[1]
     return pos + neg, lambda zz: sum(parts(zz))
 
 
@@ -53,10 +54,29 @@ def numeric_grad(f, z, eps=1e-4):
 
 
 def keras_value_and_grad(loss_fn, y, z):
-    z = tf.Variable(np.asarray(z, dtype="float32"))
-    with tf.GradientTape() as tape:
-        value = loss_fn(tf.constant(y), z)
-    return float(value), tape.gradient(value, z).numpy().ravel()
+    """The loss and its gradient with respect to the logits, with the backend Keras runs on."""
+    z = np.asarray(z, dtype="float32")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.Variable(z)
+        with tf.GradientTape() as tape:
+            value = loss_fn(tf.constant(y), variable)
+        return float(value), tape.gradient(value, variable).numpy().ravel()
+    if backend == "jax":
+        import jax
+
+        value, grad = jax.value_and_grad(lambda logits: loss_fn(y, logits))(z)
+        return float(value), np.asarray(grad).ravel()
+    if backend == "torch":
+        import torch
+
+        logits = torch.tensor(z, requires_grad=True)
+        value = loss_fn(torch.tensor(y), logits)
+        value.backward()
+        return float(value.detach()), logits.grad.numpy().ravel()
+    pytest.skip(f"no gradient helper for the {backend} backend")
 
 
 # ------------------------------------------------------------------ batches
