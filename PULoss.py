@@ -83,7 +83,10 @@ def pu_risk(y_true, y_pred, prior, loss="sigmoid"):
     ----------
     y_true : tensor of shape (batch,) or (batch, 1)
         +1 for positive (background), -1 for unlabeled. Other values are
-        ignored.
+        **silently ignored**: a loss inside a compiled graph cannot raise,
+        so 0/1 labels give a batch with no unlabeled sample (Ru- = 0), a
+        negative Rn and nnPU's gradient ascent in every step. Check labels
+        where they are made (``data.check_labels``).
     y_pred : tensor of shape (batch,) or (batch, 1)
         Logits; > 0 means positive.
     prior : float
@@ -237,7 +240,10 @@ def pnu_loss(y_true, y_pred, prior, eta, loss="sigmoid", gamma=1.0, beta=0.0, nn
     ``eta = 1`` is PU and ``eta = -1`` is NU learning. With ``nnPU=True`` the
     PU part gets the non-negative correction of [2] on its negative-risk
     estimate, and the NU part the same on its positive-risk estimate, with
-    the value/gradient rule of `non_negative_objective`.
+    the value/gradient rule of `non_negative_objective`. That correction is
+    this project's extension, on by default: [3] minimises the plain risks,
+    whose PU and NU parts can go negative for a flexible model just as uPU's
+    do. ``nnPU=False`` gives [3]'s eq. 7 exactly.
 
     Labels: +1 positive, -1 negative, 0 unlabeled.
     """
@@ -324,7 +330,9 @@ class PULoss(_BatchRiskLoss):
     Notes
     -----
     Labels: +1 positive, -1 unlabeled, shape (batch,) or (batch, 1), float
-    or int. Predictions: one logit per sample, > 0 positive. When the
+    or int; any other value is silently ignored (0/1 labels train nothing
+    useful: see `pu_risk`), so check them (``data.check_labels``).
+    Predictions: one logit per sample, > 0 positive. When the
     correction fires, the value reported is ``prior * Rp+ - beta`` but the
     gradient is that of ``-gamma * Rn`` (see `non_negative_objective`).
 

@@ -130,6 +130,13 @@ REFINE_EDGE_WEIGHT = 600.0
 # The random walker builds a graph of every pixel it is given, so frames are
 # solved in tiles of this side (plus a margin) to bound memory.
 REFINE_TILE = 512
+# Seeds from the excess over the sky (refine_mask, in noise levels of a
+# pixel): a pixel of the model's mask is surely aurora above half its
+# region's median excess and at least REFINE_AURORA_EXCESS; a pixel below
+# REFINE_SKY_EXCESS is surely sky. The sky's own excess is about 0.7 (the
+# background is a lower envelope) give or take 0.35 after the smoothing.
+REFINE_AURORA_EXCESS = 3.0
+REFINE_SKY_EXCESS = 2.0
 
 # Opacity of the colour filter in the overlay (the seed's "superimposed").
 OVERLAY_ALPHA = 0.4
@@ -643,19 +650,30 @@ def aurora_probability(logits):
 # ---------------------------------------------------------------------------
 
 
-def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255):
+def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255, excess=None,
+                return_probability=False):
     """Move the mask boundary onto the aurora's visible edge with a random walker.
 
     The model calls a patch aurora when aurora lies anywhere in it, so the
-    mask of ``P(aurora) > threshold`` is only as sharp as half a patch: it
-    runs a few pixels past bright aurora and can stop short of faint edges.
-    Pixels deep inside the mask (eroded by ``patch_size // 3``) become aurora
-    seeds, pixels beyond ``patch_size // 2`` of it and outside the sky
-    become background seeds, and scikit-image's ``random_walker`` labels the
-    band in between from the image: a walker crosses small brightness steps
-    easily and large ones hardly at all, so the band is split where the
-    brightness changes most. The image is smoothed (``REFINE_SMOOTHING``)
-    and log-transformed (``REFINE_DARK_FRACTION``) first.
+    mask of ``P(aurora) > threshold`` is only as sharp as half a patch or
+    more: it runs past bright aurora and fills the sky between close arcs.
+    Confident pixels become seeds and scikit-image's ``random_walker``
+    labels the pixels in between from the image: a walker crosses small
+    brightness steps easily and large ones hardly at all, so the boundary
+    lands where the brightness changes most. The image is smoothed
+    (``REFINE_SMOOTHING``) and log-transformed (``REFINE_DARK_FRACTION``)
+    first.
+
+    Seeds, with ``excess`` (the frame's excess over its sky background in
+    noise units, ``excess_map``): aurora where the mask's pixel stands out
+    by more than half its connected part's peak excess (its 95th
+    percentile; and at least
+    ``REFINE_AURORA_EXCESS``); background where the excess is below
+    ``REFINE_SKY_EXCESS`` or beyond ``patch_size // 2`` of the mask. Pixels
+    outside the sky take no part. A part of the mask with no aurora seed (nothing in it
+    brighter than the sky's noise) is dropped. Without ``excess`` (models
+    that see the frame itself): aurora deep inside the mask (eroded by
+    ``patch_size // 3``), background beyond ``patch_size // 2`` of it.
 
     Parameters
     ----------
@@ -672,23 +690,29 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255)
         Side of the tiles the random walker solves, in pixels (>= 1).
     quantum : float
         One count of the frame in ``image`` units (``data.Prepared``).
+    excess : ndarray of shape (rows, cols), float32, optional
+        From ``excess_map``.
+    return_probability : bool
+        Also return the pixels' probability of aurora.
 
     Returns
     -------
     refined : ndarray of shape (rows, cols), bool
         True = aurora; False outside the sky.
+    probability : ndarray of shape (rows, cols), float32
+        With ``return_probability``: the random walker's probability of
+        aurora where it decided, 1 and 0 on the seeds near the mask, NaN
+        elsewhere (``segment_frame`` keeps the model's there).
 
     Notes
     -----
     Where the refinement has nothing to decide between, the model's mask
-    stays: a connected part of the mask too thin to keep a seed after the
-    erosion (an arc a few pixels wide), and band pixels whose tile (with its
-    margin) holds only one kind of seed or that no seed reaches (the far
-    end of a thin arm whose body lies in another tile). Tiles are solved
-    with a margin of ``2 * patch_size`` pixels of context, wider than the
-    band, and only tiles that hold part of the band are solved. Memory: a
-    few float64 copies of a tile, and a few bool and one int32 array the
-    size of the frame (16 and 64 MB at 4096x4096).
+    stays: without ``excess``, a connected part of the mask too thin to keep
+    a seed after the erosion; and pixels whose tile (with its margin) holds
+    only one kind of seed or that no seed reaches. Tiles are solved with a
+    margin of ``2 * patch_size`` pixels of context, and only tiles that hold
+    undecided pixels are solved. Memory: a few float64 copies of a tile, and
+    a few bool, int32 and float32 arrays the size of the frame.
     """
     from scipy import ndimage
     from skimage.filters import gaussian
@@ -704,26 +728,50 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255)
         raise ValueError(f"Invalid tile: expected an int >= 1, received {tile}")
     aurora_seed, background_seed = 1, 2
     mask = mask & sky
+    probability = np.full(mask.shape, np.nan, np.float32)
+
+    def result(refined):
+        return (refined, probability) if return_probability else refined
+
     if not mask.any():
-        return mask  # an aurora-free frame: nothing to move, and no morphology to pay for
+        return result(mask)  # an aurora-free frame: nothing to move, and no morphology to pay for
     # Bool morphology, not distance transforms: these keep a 4096x4096
     # frame's extra memory to bool arrays (float64 distances were 130 MB each).
-    # border_value=1: aurora reaching the frame's edge keeps its seeds there.
-    inner = ndimage.binary_erosion(mask, disk(max(1, patch_size // 3)), border_value=1)
-    outer = ~ndimage.binary_dilation(mask, disk(max(1, patch_size // 2))) | ~sky
+    near = ndimage.binary_dilation(mask, disk(max(1, patch_size // 2)))
     components, count = ndimage.label(mask)
+    if excess is not None:
+        # Half of each part's peak (its 95th percentile): the part's own
+        # half maximum, so that faint and bright aurora get their own edge.
+        peaks = ndimage.labeled_comprehension(excess, components, np.arange(1, count + 1),
+                                              lambda values: np.percentile(values, 95), np.float32, 0.0)
+        floor = np.concatenate([[np.inf], np.maximum(0.5 * np.asarray(peaks), REFINE_AURORA_EXCESS)])
+        inner = mask & (excess > floor[components])
+        outer = ~near | (excess < REFINE_SKY_EXCESS)
+    else:
+        # border_value=1: aurora reaching the frame's edge keeps its seeds there.
+        inner = ndimage.binary_erosion(mask, disk(max(1, patch_size // 3)), border_value=1)
+        outer = ~near
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[components[inner]] = True
-    thin = mask & ~seeded[components]
+    kept = mask if excess is None else mask & seeded[components]
+    thin = kept & ~seeded[components] if excess is None else np.zeros_like(mask)
     del components
     labels = np.zeros(mask.shape, dtype=np.int8)
-    labels[inner] = aurora_seed
     labels[outer] = background_seed
+    labels[inner] = aurora_seed
+    # Beyond the sky (the black border, or what a field of view leaves out)
+    # is no seed of either kind: it must not pull the boundary.
+    labels[~sky] = -1
     unknown = labels == 0
     del inner, outer
-    refined = mask.copy()
+    # Without excess the model's mask stands where the walker does not
+    # decide; with it, the seeds say what every pixel is.
+    refined = kept.copy() if excess is None else (labels == aurora_seed)
     if not unknown.any():
-        return refined
+        if excess is not None:
+            refined = (labels == aurora_seed) & sky
+            probability[near] = refined[near]
+        return result(refined)
     step = max(1, int(np.sqrt(sky.size / 250_000)))  # a sample of about 250,000 pixels suffices
     sample = image[::step, ::step][sky[::step, ::step]]
     offset = REFINE_DARK_FRACTION * float(np.median(sample.mean(axis=1))) if sample.size else 0.0
@@ -741,8 +789,13 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255)
             crop_top, crop_left = max(top - margin, 0), max(left - margin, 0)
             crop = (slice(crop_top, min(top + tile + margin, rows)), slice(crop_left, min(left + tile + margin, cols)))
             seeds = labels[crop].astype(np.int32)
-            if not (seeds == aurora_seed).any() or not (seeds == background_seed).any():
-                continue  # one kind of seed: nothing to decide between
+            inside = (slice(top - crop_top, top - crop_top + tile), slice(left - crop_left, left - crop_left + tile))
+            has_aurora, has_sky = (seeds == aurora_seed).any(), (seeds == background_seed).any()
+            if not (has_aurora and has_sky):
+                if excess is not None:  # one kind of seed: the undecided pixels are that kind
+                    undecided = unknown[core]
+                    refined[core][undecided] = has_aurora
+                continue
             smoothed = gaussian(image[crop], sigma=REFINE_SMOOTHING, channel_axis=-1, preserve_range=True)
             log_brightness = np.log(smoothed + offset)
             spread = float(log_brightness.std())
@@ -760,18 +813,39 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255)
             # A direct sparse solve ("bf"): exact, and as fast as conjugate
             # gradients on a tile's band, which at tol 1e-3 left
             # probabilities outside [0, 1] and a warning per frame.
-            walked = random_walker(log_brightness, seeds, beta=beta, mode="bf", channel_axis=-1)
-            inside = (slice(top - crop_top, top - crop_top + tile), slice(left - crop_left, left - crop_left + tile))
-            # Band pixels no seed reaches come back as -1 and keep the mask.
-            decided = band[inside] & (walked[inside] > 0)
-            refined[core][decided] = walked[inside][decided] == aurora_seed
+            walked = random_walker(log_brightness, seeds, beta=beta, mode="bf", channel_axis=-1,
+                                   return_full_prob=True)[0]
+            # Band pixels no seed reaches come back with no probability and keep the mask.
+            reached = band[inside] & (seeds[inside] == 0) & np.isfinite(walked[inside])
+            reached &= np.abs(walked[inside]) <= 1.0
+            refined[core][reached] = walked[inside][reached] > 0.5
+            probability[core][reached] = walked[inside][reached]
     refined |= thin
     refined &= sky
-    return refined
+    decided = near & ~unknown
+    probability[decided] = labels[decided] == aurora_seed
+    return result(refined)
 
 
-def segment_frame(model, prepared, stride=DEFAULT_STRIDE, batch_size=256, threshold=0.5, adaptive=True,
-                  fine_stride=DEFAULT_FINE_STRIDE, refine=True):
+def excess_map(model_input, preprocessing):
+    """The frame's excess over its sky background in noise units, smoothed and the largest over channels.
+
+    Undoes ``data.normalize_frame``'s asinh; None when the model sees the
+    frame itself (``normalize`` "none").
+    """
+    from skimage.filters import gaussian
+
+    if preprocessing.get("normalize") != "background":
+        return None
+    # Smoothed channel by channel before the maximum: the maximum of three
+    # noisy channels would lift the whole sky by most of a noise level.
+    excess = gaussian(data.NORMALIZE_SOFTENING * np.sinh(model_input), sigma=REFINE_SMOOTHING, channel_axis=-1,
+                      preserve_range=True)
+    return excess.max(axis=2).astype(np.float32)
+
+
+def segment_frame(model, prepared, preprocessing=None, stride=DEFAULT_STRIDE, batch_size=256, threshold=0.5,
+                  adaptive=True, fine_stride=DEFAULT_FINE_STRIDE, refine=True):
     """Segment one frame.
 
     Parameters
@@ -779,6 +853,9 @@ def segment_frame(model, prepared, stride=DEFAULT_STRIDE, batch_size=256, thresh
     model : keras.Model
     prepared : data.Prepared
         The frame as the model was trained (``data.prepare_frame``).
+    preprocessing : dict, optional
+        The model's (``data.load_model``); with ``normalize`` "background"
+        the refinement takes its seeds from the frame's excess over the sky.
     stride, batch_size : int
         See ``logit_map``.
     threshold : float
@@ -796,8 +873,11 @@ def segment_frame(model, prepared, stride=DEFAULT_STRIDE, batch_size=256, thresh
     Returns
     -------
     p_aurora : ndarray of shape (rows, cols), float32
-        P(aurora) = sigmoid(-logit) inside the sky, 0 outside it; the
-        model's output, not changed by ``refine``.
+        P(aurora) of each sky pixel, 0 outside it: the model's (the
+        probability that aurora lies in the patch centred on the pixel),
+        and near the mask's boundary, with ``refine``, the refinement's
+        probability that the pixel itself is aurora, so that the mask is
+        ``p_aurora > 0.5`` wherever the refinement decided.
     mask : ndarray of shape (rows, cols), bool
         True = aurora; always False outside the sky.
     patches : int
@@ -810,8 +890,19 @@ def segment_frame(model, prepared, stride=DEFAULT_STRIDE, batch_size=256, thresh
     p_aurora[~sky] = 0.0
     mask = p_aurora > threshold
     if refine:
-        mask = refine_mask(prepared.image, mask, sky, data.patch_size_of(model), quantum=prepared.quantum)
+        mask, p_aurora = finish_mask(prepared, p_aurora, mask, data.patch_size_of(model), preprocessing or {})
     return p_aurora, mask, patches
+
+
+def finish_mask(prepared, p_aurora, mask, patch_size, preprocessing):
+    """``refine_mask`` on one prepared frame; returns the refined mask and the pixel P(aurora) (``segment_frame``)."""
+    mask, refined_probability = refine_mask(prepared.image, mask, prepared.sky, patch_size, quantum=prepared.quantum,
+                                            excess=excess_map(prepared.model_input, preprocessing),
+                                            return_probability=True)
+    decided = np.isfinite(refined_probability)
+    p_aurora = np.where(decided, refined_probability, p_aurora).astype(np.float32)
+    p_aurora[~prepared.sky] = 0.0
+    return mask, p_aurora
 
 
 # ---------------------------------------------------------------------------
@@ -1248,7 +1339,7 @@ def segment_arrays(model, frames, preprocessing=None, full_scale=None, field_of_
     for k, frame in enumerate(frames):
         counts = np.repeat(frame[..., None], 3, axis=2) if frame.ndim == 2 else frame
         prepared = data.prepare_frame(counts.astype(np.float32), full_scale, preprocessing, field_of_view)
-        p_aurora[k], masks[k], _ = segment_frame(model, prepared, **settings)
+        p_aurora[k], masks[k], _ = segment_frame(model, prepared, preprocessing, **settings)
         fractions[k] = masks[k][prepared.sky].mean() if prepared.sky.any() else 0.0
     return {"p_aurora": p_aurora, "mask": masks, "aurora_fraction": fractions}
 
@@ -1632,7 +1723,7 @@ def _finish_frame(args, save_dir, source, frame, prepared, p_aurora, mask, patch
     """Writer task: refine the mask, write the outputs, score, record the frame in the journal."""
     started = time.perf_counter()
     if args.refine:
-        mask = refine_mask(prepared.image, mask, prepared.sky, args.patch_size, quantum=prepared.quantum)
+        mask, p_aurora = finish_mask(prepared, p_aurora, mask, args.patch_size, args.preprocessing)
     sky = prepared.sky
     when = data.frame_time(frame)
     title = f"{frame.name}  {format_time(when)}" if when else frame.name
@@ -1801,6 +1892,8 @@ def build_parser():
                           help="patches per model call (default: %(default)s)")
     advanced.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                           help="no progress bar")
+    advanced.add_argument("--backend_logs", action=argparse.BooleanOptionalAction, default=False,
+                          help="show the Keras backend's own start-up messages")
     return parser
 
 
@@ -1876,10 +1969,11 @@ def main(argv=None):
                                       f"to continue that run")
         field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
                          if args.field_of_view else None)
+        data.import_keras(args.backend_logs)
         model, preprocessing = data.load_model(model_path)
     except (data.UsageError, OSError) as error:
         return _error(str(error))
-    args.patch_size = data.patch_size_of(model)
+    args.patch_size, args.preprocessing = data.patch_size_of(model), preprocessing
     columns = SUMMARY_COLUMNS + (METRIC_COLUMNS if args.masks else [])
     journal_columns = columns + ["_index"]
 

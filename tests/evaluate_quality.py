@@ -1,39 +1,58 @@
-"""Measure segmentation quality on data the training never saw; print one table.
+"""Measure segmentation quality on data the method was not tuned on; print tables, write figures.
 
-    python tests/evaluate_quality.py            # everything (about 20 minutes on 2 CPU cores)
-    python tests/evaluate_quality.py --skip_real
-    # Other frame sets, with a model from the README's quick start:
-    python tests/evaluate_quality.py --model Results/model.keras --skip_real --prior_fractions \
-        --first_seed 700000 --frames 24      # the frames segmentation.py's refinement was tuned on
-    python tests/evaluate_quality.py --model Results/model.keras --skip_real --prior_fractions \
-        --arc_width 0.3 0.5 --frames 8        # thin arcs
+    python tests/evaluate_quality.py                       # everything but the prior grid (about 90 minutes, 2 cores)
+    python tests/evaluate_quality.py --only held_out rare  # some sets
+    python tests/evaluate_quality.py --only prior_grid     # real patches, 5 seeds x 5 priors (about 40 minutes)
 
-Two evaluations, each run through the command-line tools as a user runs them:
+Every training and segmentation runs through the command-line tools, as a
+user runs them, with their defaults unless the set says otherwise, and
+each set is trained with several seeds: the tables give the mean and the
+worst seed. Frames, masks and models live in a temporary folder; the
+figures and ``results.json`` go to ``--out`` (default Results/evaluation).
 
-1. Held-out synthetic frames. Frames are drawn with ``data.synthetic_frame``
-   from seeds the shipped dataset and the tests do not use (from 900_000 up),
-   at 256 and 480 pixels, with brightness, arc width and cloud cover varied.
-   A model is trained with the README's command on the shipped
-   ``dataset/Positive`` and ``dataset/Unlabelled`` (or ``--model`` reuses
-   one), then ``segmentation.py`` segments the frames with its defaults and
-   ``--masks``, and again with ``--no-refine`` to show what the mask
-   refinement adds (``--first_seed`` and ``--arc_width`` draw other frame
-   sets). Reported: mean IoU, the worst frame, and how many frames
-   score below 0.6 and how many of those have almost no aurora (< 1% of the
-   frame), where a handful of wrong pixels makes the IoU meaningless.
-2. Real patches (``../shared/real_patches``, read in place when present,
-   never copied into the repository): P = 40 background patches, U = 40 other
-   background + 60 aurora patches (true prior 0.4); ``train.py --prior 0.4``;
-   the remaining 24 background + 40 aurora patches are classified by the
-   saved model in inference mode (logit > 0 = background). Accuracy and AUC
-   over 5 random splits, mean and spread; then the same with
-   ``--prior auto``, with the estimated prior.
-3. The class prior estimator (``train.estimate_prior``) on synthetic U
-   patches with 100%, 50% and 10% of frames holding aurora, against the
-   truth of ``train.patch_is_background``.
+Sets (``--only``):
 
-This is not a pytest test (it takes minutes); tests/test_quality.py is the
-small version that CI runs.
+held_out
+    The README's training command on ``dataset/``, then 16 frames the
+    dataset and the tests never use (seeds from 900_000: 12 with aurora, 4
+    without; 256 and 480 pixels; brightness 0.6-1.4, arc width 0.7-1.4,
+    clouds 0-0.6). IoU over the aurora frames, the share of sky called
+    aurora on the aurora-free ones, and the expected calibration error of
+    the pixel P(aurora) written by ``--save_probability`` (10 equal bins,
+    sky pixels, against the true masks) with its reliability diagram.
+    Also the shipped frames themselves (the quick start's own number).
+rare
+    Rare aurora: P = 20 aurora-free frames, U = frames of which few hold
+    aurora, so that the patch prior is about 0.90, 0.95 and 0.99; sky
+    conditions of both drawn from the same range (moon up to 0.5, haze,
+    town glow, clouds, an obstruction). ``--prior auto``. Scored on 8
+    aurora and 8 aurora-free held-out frames of the same kind.
+real_backgrounds
+    Real aurora-free frames with generator aurora added (``inject``):
+    THEMIS Gillam (moonlit; P = the frames of 06:00, 06:02 and 06:04 UT,
+    U = those of 06:01, 06:03 and 06:05, minutes apart) and THEMIS Gakona
+    (dark sky with horizon glow; P = the first 11 frames of its minute,
+    U = the last 11, 3 to 33 s later). Half of the U frames get aurora; U
+    is segmented as a user would (the frames the model trained on), and
+    the clean U frames are real aurora-free frames that are not in P.
+real_patches
+    NIPR's real 32x32 patches (``../shared/real_patches``): P = 40
+    background, U = 40 other background + 60 aurora (true prior 0.4), the
+    remaining 24 + 40 classified by the saved model; 5 random splits, with
+    ``--prior 0.4`` and ``--prior auto``.
+prior_grid
+    The same protocol on split 0 with 5 seeds x priors 0.35, 0.38, 0.40,
+    0.42, 0.45: how much the result depends on luck and on the prior.
+contact_sheet
+    Real aurora frames segmented by models trained on aurora-free frames of
+    the same camera where ``../shared/real_frames`` has them (TREx RGB, KHO
+    KeoSentry), and for the OATH THEMIS frames with P from THEMIS Gillam
+    and Gakona (other stations of the same network): a figure to look at.
+
+Each set also scores the physical anchor: aurora where the frame's excess
+over a local median background (21x21 at quarter resolution) exceeds 4
+robust standard deviations of the sky, in G - (R + B) / 2 for colour frames
+and in the brightness for grey ones; a trained model should beat it.
 """
 
 import argparse
@@ -51,204 +70,468 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-REAL_PATCHES = ROOT.parent / "shared" / "real_patches"
+SHARED = ROOT.parent / "shared"
+REAL_PATCHES = SHARED / "real_patches"
+REAL_FRAMES = SHARED / "real_frames"
 FIRST_SEED = 900_000
+SETS = ("held_out", "rare", "real_backgrounds", "real_patches", "prior_grid", "contact_sheet")
+
+import data  # noqa: E402  (after the path is set)
 
 
-def run(command):
-    """Run a CLI like a user, from the project root; stop on failure."""
+# ------------------------------------------------------------ running the tools
+
+def run(script, *arguments, check=True):
+    """Run train.py or segmentation.py like a user, from the project root; returns (seconds, exit code, output)."""
     started = time.time()
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"evaluate_quality.py: {' '.join(command[:1])} failed:\n{result.stderr[-3000:]}")
-    return time.time() - started, result.stdout
+    result = subprocess.run([sys.executable, script, *map(str, arguments)], cwd=ROOT, capture_output=True, text=True)
+    if check and result.returncode not in (0, 1):
+        sys.exit(f"evaluate_quality.py: {script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return time.time() - started, result.returncode, result.stdout + result.stderr
 
 
-def make_heldout_frames(folder, n_frames, seed=FIRST_SEED, arc_width=(0.7, 1.4)):
-    """Frames and masks with varied settings, half 256 and half 480 pixels; arc widths in ``arc_width``."""
-    import data
+def train_model(folder, P, U, seed, *extra):
+    """train.py on folders P and U into ``folder``; returns (config or None when training failed, seconds)."""
+    seconds, code, output = run("train.py", "--P_dataset", P, "--U_dataset", U, "--save_dir", folder, "--seed",
+                                seed, "--quiet", *extra, check=False)
+    if code not in (0, 3):
+        sys.exit(f"evaluate_quality.py: train.py failed ({code}):\n{output[-3000:]}")
+    config = json.loads((Path(folder) / "config.json").read_text()) if (Path(folder) / "config.json").exists() else None
+    return (config if code == 0 else None), seconds
 
+
+def segment(model, frames, masks, out, *extra):
+    """segmentation.py with true masks; returns the summary rows (without the mean row)."""
+    run("segmentation.py", "--dataset", frames, "--model", model, "--save_dir", out, "--masks", masks, "--quiet",
+        "--outputs", "mask", "probability", *extra)
+    with open(Path(out) / "summary.csv", newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row["file"] != "mean"]
+
+
+def scores(rows):
+    """Mean and worst IoU over frames with true aurora, mean share of sky called aurora over frames without."""
+    ious = [float(row["iou"]) for row in rows if row["iou"]]
+    clear = [float(row["false_aurora"]) for row in rows if row["false_aurora"]]
+    return {"iou": float(np.mean(ious)) if ious else None, "iou_min": float(np.min(ious)) if ious else None,
+            "false_aurora": float(np.mean(clear)) if clear else None,
+            "false_aurora_max": float(np.max(clear)) if clear else None, "frames": len(rows)}
+
+
+# ------------------------------------------------------------ frames with true masks
+
+def save_frame(folder, name, image, mask=None, masks=None):
+    Image.fromarray(image).save(folder / f"{name}.png")
+    if masks is not None:
+        Image.fromarray((mask if mask is not None else np.zeros(image.shape[:2], bool)).astype(np.uint8) * 255).save(
+            masks / f"{name}.png")
+
+
+def synthetic_set(folder, count, aurora, seed, size=256, conditions=None, masks=True, **settings):
+    """``count`` generator frames into folder/frames (and folder/masks); ``aurora`` a bool per frame."""
     rng = np.random.default_rng(seed)
-    (folder / "frames").mkdir(parents=True)
-    (folder / "masks").mkdir()
-    settings = []
-    for i in range(n_frames):
-        size = 256 if i % 2 == 0 else 480
-        params = dict(brightness=float(rng.uniform(0.6, 1.4)), arc_width=float(rng.uniform(*arc_width)),
-                      cloud_cover=float(rng.uniform(0.0, 0.6)))
-        image, mask = data.synthetic_frame(size, seed=seed + i, aurora=True, **params)
-        Image.fromarray(image).save(folder / "frames" / f"heldout_{i:03d}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"heldout_{i:03d}.png")
-        settings.append({"size": size, **params})
-    return settings
+    frames, mask_folder = folder / "frames", (folder / "masks" if masks else None)
+    frames.mkdir(parents=True)
+    if mask_folder:
+        mask_folder.mkdir()
+    for k in range(count):
+        drawn = dict(brightness=float(rng.uniform(0.6, 1.4)), arc_width=float(rng.uniform(0.7, 1.4)),
+                     cloud_cover=float(rng.uniform(0.0, 0.6)))
+        drawn.update(conditions(rng) if conditions else {})
+        drawn.update(settings)
+        frame_size = size(k) if callable(size) else size
+        image, mask = data.synthetic_frame(frame_size, seed=seed + k, aurora=bool(aurora[k]), **drawn)
+        save_frame(frames, f"frame_{k:03d}", image, mask, mask_folder)
+    return frames, mask_folder
 
 
-def synthetic_evaluation(work, model, n_frames, epochs, first_seed=FIRST_SEED, arc_width=(0.7, 1.4)):
+def night_conditions(rng):
+    """Sky conditions of an ordinary night at one site: some moon and haze, town glow, an obstruction."""
+    return dict(moon=float(rng.choice([0.0, rng.uniform(0, 0.5)])), haze=float(rng.choice([0.0, rng.uniform(0, 0.4)])),
+                town_glow=float(rng.uniform(0, 0.6)), obstruction=True)
+
+
+def patch_prior(mask_folder, frame_folder, patch_size=16):
+    """The fraction of sky pixels whose centred patch holds no aurora: the prior of sky-centred U patches."""
+    from scipy import ndimage
+
+    background = total = 0
+    for path in sorted(Path(mask_folder).glob("*.png")):
+        mask = np.asarray(Image.open(path)) > 0
+        sky = data.sky_mask(data.read_image(Path(frame_folder) / path.name))
+        near = ndimage.maximum_filter(mask.astype(np.uint8), size=patch_size) > 0
+        background += int((~near & sky).sum())
+        total += int(sky.sum())
+    return background / total
+
+
+# ------------------------------------------------------------ calibration and the anchor
+
+def calibration(probability_folder, mask_folder, frame_folder, bins=10):
+    """Expected calibration error of pixel P(aurora) over sky pixels, and the reliability table."""
+    counts, confidence, accuracy = np.zeros(bins), np.zeros(bins), np.zeros(bins)
+    for path in sorted(Path(probability_folder).glob("*.npy")):
+        probability = np.load(path)
+        truth = np.asarray(Image.open(Path(mask_folder) / f"{path.stem}.png")) > 0
+        sky = data.sky_mask(data.read_image(Path(frame_folder) / f"{path.stem}.png"))
+        p, t = probability[sky], truth[sky]
+        index = np.minimum((p * bins).astype(int), bins - 1)
+        counts += np.bincount(index, minlength=bins)
+        confidence += np.bincount(index, weights=p, minlength=bins)
+        accuracy += np.bincount(index, weights=t, minlength=bins)
+    filled = counts > 0
+    mean_p = np.where(filled, confidence / np.maximum(counts, 1), np.nan)
+    share = np.where(filled, accuracy / np.maximum(counts, 1), np.nan)
+    ece = float(np.nansum(counts * np.abs(mean_p - share)) / counts.sum())
+    return ece, {"counts": counts.tolist(), "mean_probability": mean_p.tolist(), "aurora_share": share.tolist()}
+
+
+def reliability_figure(table, path, title):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.5, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    axes.plot(table["mean_probability"], table["aurora_share"], marker="o")
+    axes.set_xlabel("P(aurora) of the pixels in a bin")
+    axes.set_ylabel("share of them that is aurora")
+    axes.set_title(title, fontsize=9)
+    figure.savefig(path, dpi=100)
+
+
+def anchor_mask(image, sky):
+    """The physical anchor: excess over a local median background above 4 robust standard deviations of the sky."""
+    from scipy import ndimage
+
+    grey = np.allclose(image[..., 0], image[..., 1]) and np.allclose(image[..., 1], image[..., 2])
+    signal = image[..., 1] if grey else image[..., 1] - (image[..., 0] + image[..., 2]) / 2
+    small = signal[::4, ::4]
+    background = ndimage.median_filter(small, size=21, mode="nearest")
+    background = np.kron(background, np.ones((4, 4)))[: signal.shape[0], : signal.shape[1]]
+    excess = signal - background
+    sky_excess = excess[sky]
+    spread = 1.4826 * np.median(np.abs(sky_excess - np.median(sky_excess)))
+    return (excess > np.median(sky_excess) + 4 * max(spread, 1e-6)) & sky
+
+
+def anchor_scores(frame_folder, mask_folder):
+    """The anchor's IoU over aurora frames and its false aurora over aurora-free frames."""
+    import segmentation
+
     rows = []
-    settings = make_heldout_frames(work / "heldout", n_frames, first_seed, arc_width)
-    if model is None:
-        model = work / "model" / "model.keras"
-        command = ["train.py", "--P_dataset", "dataset/Positive", "--U_dataset", "dataset/Unlabelled",
-                   "--save_dir", str(model.parent), "--quiet"]
-        if epochs:
-            command += ["--epochs", str(epochs)]
-        seconds, _ = run(command)
-        config = json.loads((model.parent / "config.json").read_text())
-        rows.append(("train on dataset/ (README command)", f"prior used {config['prior']:.3f}", seconds))
-    # The defaults (refined masks), then --no-refine: the gain of the refinement.
-    for flag, label in (([], ""), (["--no-refine"], ", --no-refine")):
-        out = work / f"segmentation{flag[0] if flag else ''}"
-        seconds, _ = run(["segmentation.py", "--dataset", str(work / "heldout" / "frames"), "--model", str(model),
-                          "--save_dir", str(out), "--masks", str(work / "heldout" / "masks"), "--quiet", *flag])
-        with open(out / "summary.csv", newline="") as f:
-            frames = [r for r in csv.DictReader(f) if r["file"] != "mean"]
-        iou = np.array([float(r["iou"]) for r in frames])
-        precision = np.mean([float(r["precision"]) for r in frames])
-        recall = np.mean([float(r["recall"]) for r in frames])
-        truth_fraction = np.array([
-            np.mean(np.asarray(Image.open(work / "heldout" / "masks" / r["file"])) > 0) for r in frames])
-        low = iou < 0.6
-        rows.append((f"held-out synthetic frames ({len(frames)}, 256 and 480 px){label}",
-                     f"mean IoU {iou.mean():.3f} (precision {precision:.3f}, recall {recall:.3f}), "
-                     f"worst {iou.min():.3f}, {low.sum()} below 0.6 ({np.sum(low & (truth_fraction < 0.01))} "
-                     f"with < 1% aurora)", seconds))
-        print(f"segmentation.py defaults{label}:")
-        for r, s in zip(frames, settings):
-            print(f"  {r['file']}  size {s['size']}  brightness {s['brightness']:.2f}  "
-                  f"arc_width {s['arc_width']:.2f}  clouds {s['cloud_cover']:.2f}  IoU {float(r['iou']):.3f}  "
-                  f"precision {float(r['precision']):.3f}  recall {float(r['recall']):.3f}")
-    return rows
+    for path in sorted(Path(frame_folder).glob("*.png")):
+        image = data.read_image(path)
+        sky = data.sky_mask(image)
+        truth = np.asarray(Image.open(Path(mask_folder) / path.name)) > 0
+        scored = segmentation.frame_scores(anchor_mask(image, sky), truth, sky)
+        rows.append({key: "" if value is None else value for key, value in scored.items()})
+    return scores(rows)
 
 
-def auc(background_scores, aurora_scores):
-    """Probability that a background patch scores above an aurora patch (ties half)."""
-    b = np.asarray(background_scores)[:, None]
-    a = np.asarray(aurora_scores)[None, :]
-    return float(np.mean((b > a) + 0.5 * (b == a)))
+# ------------------------------------------------------------ the sets
+
+def held_out(work, seeds, out):
+    frames, masks = synthetic_set(work / "held_out", 16, [k % 4 != 3 for k in range(16)], FIRST_SEED,
+                                  size=lambda k: 256 if k % 2 == 0 else 480)
+    results = []
+    for seed in seeds:
+        model_dir = work / f"quick_start_{seed}"
+        config, seconds = train_model(model_dir, "dataset/Positive", "dataset/Unlabelled", seed)
+        if config is None:
+            results.append({"seed": seed, "failed": True, "train_seconds": seconds})
+            continue
+        rows = segment(model_dir / "model.keras", frames, masks, work / f"held_out_{seed}")
+        ece, table = calibration(work / f"held_out_{seed}" / "probability", masks, frames)
+        shipped = segment(model_dir / "model.keras", "dataset/Unlabelled", "dataset/masks", work / f"shipped_{seed}")
+        results.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows),
+                        "ece": ece, "reliability": table, "shipped": scores(shipped)})
+        reliability_figure(table, out / f"reliability_seed{seed}.png",
+                           f"held-out synthetic frames, seed {seed}: ECE {ece:.3f}")
+    return {"seeds": results, "anchor": anchor_scores(frames, masks)}
 
 
-def real_split(work, split, prior):
-    """One split of the real-patch protocol; returns accuracy, AUC, prior used."""
-    import keras
+RARE_SETS = {0.90: dict(frames=40, aurora=12, cover=(0.04, 0.35)),
+             0.95: dict(frames=40, aurora=6, cover=(0.04, 0.35)),
+             0.99: dict(frames=60, aurora=3, cover=(0.02, 0.15))}
 
+
+def rare(work, seeds, out):
+    results = {}
+    for prior, spec in RARE_SETS.items():
+        folder = work / f"rare_{prior}"
+        rng = np.random.default_rng(int(prior * 1000))
+        P, _ = synthetic_set(folder / "P", 20, [False] * 20, FIRST_SEED + 10_000, conditions=night_conditions,
+                             masks=False)
+        aurora = np.zeros(spec["frames"], bool)
+        aurora[rng.permutation(spec["frames"])[: spec["aurora"]]] = True
+        U, U_masks = synthetic_set(folder / "U", spec["frames"], aurora, FIRST_SEED + 20_000 + int(prior * 100),
+                                   conditions=night_conditions, cover=spec["cover"])
+        test, test_masks = synthetic_set(folder / "test", 16, [k < 8 for k in range(16)], FIRST_SEED + 30_000,
+                                         conditions=night_conditions, cover=spec["cover"])
+        truth = patch_prior(U_masks, U)
+        runs = []
+        for seed in seeds:
+            config, seconds = train_model(folder / f"model_{seed}", P, U, seed)
+            if config is None:
+                runs.append({"seed": seed, "failed": True, "train_seconds": seconds})
+                continue
+            rows = segment(folder / f"model_{seed}" / "model.keras", test, test_masks, folder / f"seg_{seed}")
+            runs.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows)})
+        results[str(prior)] = {"true_prior": truth, "runs": runs, "anchor": anchor_scores(test, test_masks)}
+    return results
+
+
+def inject(image, rng, sky, amplitude=(8, 40), threshold=5.0):
+    """Add generator aurora to a real [0, 1] frame: amplitude in sky-noise units; mask where it adds > threshold."""
+    rows, cols = np.nonzero(sky)
+    centre_row, centre_col = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+    radius = max(rows.max() - rows.min(), cols.max() - cols.min()) / 2
+    v = ((np.arange(image.shape[0], dtype=np.float32) - centre_row) / radius)[:, None]
+    u = ((np.arange(image.shape[1], dtype=np.float32) - centre_col) / radius)[None, :]
+    fields = [data._smooth_field(rng, image.shape[0], image.shape[1], radius / scale) for scale in (2.5, 5, 9)]
+    for _ in range(6):
+        emission = data._aurora_structures(rng, u, v, fields, rng.uniform(0.5, 1.2))
+        if 0.03 < (emission.max(axis=2) > 0.1)[sky].mean() < 0.4:
+            break
+    background = data.sky_background(image, sky)
+    noise = float(np.max(np.maximum(data.pixel_noise(image, sky, 1e-6, background),
+                                    data.sky_spread(image, sky, background))))
+    grey = np.allclose(image[..., 0], image[..., 1])
+    emission = np.repeat(emission[..., 1:2], 3, axis=2) if grey else emission
+    emission = emission / max(float(emission.max()), 1e-6) * rng.uniform(*amplitude) * noise
+    emission[~sky] = 0
+    return np.clip(image + emission, 0, 1), (emission.max(axis=2) > threshold * noise) & sky
+
+
+def real_background_frames(camera):
+    """(P frames, U frames) as uint16 counts, of a camera with no aurora, minutes (or seconds) apart."""
+    if camera == "themis_gill":
+        folder = REAL_FRAMES / "themis_gill"
+        stack = [frame.pixels[..., 0] for frame in data.read_frames(folder / "20140310_0600_gill_themis19_full.pgm.gz")]
+        minute = {m: [data.read_frames(p).__next__().pixels[..., 0]
+                      for p in sorted((folder / "png16").glob(f"20140310_06{m:02d}_*.png"))] for m in range(1, 6)}
+        return stack[::4] + minute[2] + minute[4], minute[1] + minute[3] + minute[5]
+    frames = [frame.pixels[..., 0] for frame in data.read_frames(REAL_FRAMES / "themis_gako" /
+                                                                 "thg_l1_asf_gako_2011010617_v01.cdf")]
+    return frames[:11], frames[12:]
+
+
+def real_backgrounds(work, seeds, out):
+    results = {}
+    for camera in ("themis_gill", "themis_gako"):
+        folder = work / camera
+        P_frames, U_frames = real_background_frames(camera)
+        low, high = np.percentile(np.concatenate([f.ravel()[::13] for f in P_frames + U_frames]), [0.5, 99.9])
+        for name in ("P", "U", "U_masks"):
+            (folder / name).mkdir(parents=True)
+        for k, counts in enumerate(P_frames):
+            Image.fromarray(counts.astype(np.uint16)).save(folder / "P" / f"p_{k:02d}.png")
+        rng = np.random.default_rng(7)
+        for k, counts in enumerate(U_frames):
+            image = np.repeat(data.scale_counts(counts, low, high)[..., None], 3, axis=2)
+            sky = data.sky_mask(image)
+            mask = np.zeros(sky.shape, bool)
+            if k % 2:
+                image, mask = inject(image, rng, sky)
+            injected = np.rint(low + image[..., 0] * (high - low)).clip(0, 65535).astype(np.uint16)
+            Image.fromarray(injected).save(folder / "U" / f"u_{k:02d}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "U_masks" / f"u_{k:02d}.png")
+        runs = []
+        for seed in seeds:
+            config, seconds = train_model(folder / f"model_{seed}", folder / "P", folder / "U", seed)
+            if config is None:
+                runs.append({"seed": seed, "failed": True, "train_seconds": seconds})
+                continue
+            rows = segment(folder / f"model_{seed}" / "model.keras", folder / "U", folder / "U_masks",
+                           folder / f"seg_{seed}")
+            runs.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows)})
+        scaled = folder / "U_scaled"
+        scaled.mkdir()
+        for path in sorted((folder / "U").glob("*.png")):
+            counts = np.asarray(Image.open(path)).astype(np.float32)
+            Image.fromarray(np.rint(data.scale_counts(counts, low, high) * 255).astype(np.uint8)).save(scaled / path.name)
+        results[camera] = {"P_frames": len(P_frames), "U_frames": len(U_frames), "runs": runs,
+                           "anchor": anchor_scores(scaled, folder / "U_masks")}
+    return results
+
+
+def real_patch_split(work, split, prior, seed):
+    """One run of the real-patch protocol; returns accuracy, AUC, prior used, seconds."""
     rng = np.random.default_rng(split)
     background = sorted((REAL_PATCHES / "background").glob("*.jpg"))
     aurora = sorted((REAL_PATCHES / "aurora").glob("*.jpg"))
     background = [background[i] for i in rng.permutation(len(background))]
     aurora = [aurora[i] for i in rng.permutation(len(aurora))]
-    folder = work / f"real_{split}_{prior}"
+    folder = work / f"real_{split}_{prior}_{seed}"
     for name, files in (("P", background[:40]), ("U", background[40:80] + aurora[:60])):
         (folder / name).mkdir(parents=True)
         for path in files:
             shutil.copy(path, folder / name / f"{path.parent.name}_{path.name}")
-    seconds, _ = run(["train.py", "--P_dataset", str(folder / "P"), "--U_dataset", str(folder / "U"),
-                      "--save_dir", str(folder / "model"), "--prior", str(prior), "--seed", str(split),
-                      # The labels describe whole 32x32 patches, so the model sees whole patches.
-                      "--patch_size", "32", "--quiet"])
-    import data
-
-    model = keras.models.load_model(folder / "model" / "model.keras", compile=False)
-    test_bg = np.stack([data.read_image(p) for p in background[80:]])
-    test_au = np.stack([data.read_image(p) for p in aurora[60:]])
-    logits_bg = model.predict(test_bg, verbose=0).ravel()
-    logits_au = model.predict(test_au, verbose=0).ravel()
-    accuracy = (np.sum(logits_bg > 0) + np.sum(logits_au <= 0)) / (len(logits_bg) + len(logits_au))
-    config = json.loads((folder / "model" / "config.json").read_text())
-    return accuracy, auc(logits_bg, logits_au), config["prior"], seconds
-
-
-def real_evaluation(work, splits):
-    rows = []
-    for prior in ("0.4", "auto"):
-        results = np.array([real_split(work, split, prior)[:4] for split in range(splits)])
-        accuracy, area, used, seconds = results.T
-        label = "true prior 0.4" if prior == "0.4" else "--prior auto"
-        detail = (f"accuracy {accuracy.mean():.3f} (min {accuracy.min():.3f}, max {accuracy.max():.3f}), "
-                  f"AUC {area.mean():.3f} (min {area.min():.3f})")
-        if prior == "auto":
-            detail += f", prior estimate {used.mean():.3f} (min {used.min():.3f}, max {used.max():.3f})"
-        rows.append((f"real patches, {splits} splits, {label}", detail, seconds.sum()))
-    return rows
+    # The labels describe whole 32x32 patches, so the model sees whole patches.
+    config, seconds = train_model(folder / "model", folder / "P", folder / "U", seed, "--prior", prior,
+                                  "--patch_size", "32")
+    if config is None:
+        return {"split": split, "prior_flag": prior, "seed": seed, "failed": True, "seconds": seconds}
+    model, _ = data.load_model(folder / "model" / "model.keras")
+    test_background = np.stack([data.read_image(path) for path in background[80:]])
+    test_aurora = np.stack([data.read_image(path) for path in aurora[60:]])
+    logits_background = data.predict_logits(model, test_background)
+    logits_aurora = data.predict_logits(model, test_aurora)
+    right = np.sum(logits_background > 0) + np.sum(logits_aurora <= 0)
+    auc = float(np.mean((logits_background[:, None] > logits_aurora[None, :])
+                        + 0.5 * (logits_background[:, None] == logits_aurora[None, :])))
+    return {"split": split, "prior_flag": prior, "seed": seed, "prior": config["prior"], "seconds": seconds,
+            "accuracy": float(right / (len(logits_background) + len(logits_aurora))), "wrong": int(64 - right),
+            "auc": auc}
 
 
-def frame_patches(n_frames, total, aurora_fraction, patch_size, seed):
-    """Random patches and their mask patches from fresh synthetic 256-pixel frames.
-
-    ``aurora_fraction`` of the frames have aurora; settings vary as in the
-    held-out set. Returns (patches (n, p, p, 3) float32, masks (n, p, p) bool).
-    """
-    import data
-
-    rng = np.random.default_rng(seed)
-    with_aurora = np.zeros(n_frames, bool)
-    with_aurora[rng.permutation(n_frames)[:int(round(aurora_fraction * n_frames))]] = True
-    per_frame = int(np.ceil(total / n_frames))
-    patches, masks = [], []
-    for aurora in with_aurora:
-        image, mask = data.synthetic_frame(256, seed=int(rng.integers(2**31)), aurora=bool(aurora),
-                                           brightness=rng.uniform(0.6, 1.4), arc_width=rng.uniform(0.7, 1.4),
-                                           cloud_cover=rng.uniform(0.0, 0.6))
-        # Image and mask as one array, so both are cut at the same positions.
-        stacked = np.concatenate([image / np.float32(255), mask[..., None].astype(np.float32)], axis=2)
-        cut = data.extract_patches(stacked, patch_size, n=per_frame, rng=rng)
-        patches.append(cut[..., :3])
-        masks.append(cut[..., 3] > 0.5)
-    return np.concatenate(patches)[:total], np.concatenate(masks)[:total]
+def real_patches(work, seeds, out):
+    runs = [real_patch_split(work, split, prior, split) for prior in ("0.4", "auto") for split in range(5)]
+    return {"runs": runs}
 
 
-def prior_evaluation(fractions, patch_size=16):
-    """train.estimate_prior against the truth (train.patch_is_background) on
-    U folders with several amounts of aurora; P from 20 aurora-free frames."""
-    import train
+def prior_grid(work, seeds, out):
+    runs = [real_patch_split(work, 0, prior, seed) for prior in ("0.35", "0.38", "0.4", "0.42", "0.45")
+            for seed in range(5)]
+    return {"runs": runs}
 
-    rows = []
-    P, _ = frame_patches(20, 2000, 0.0, patch_size, seed=FIRST_SEED + 1000)
-    for i, fraction in enumerate(fractions):
-        U, masks = frame_patches(24, 4000, fraction, patch_size, seed=FIRST_SEED + 2000 + i)
-        truth = train.patch_is_background(masks).mean()
-        started = time.time()
-        result = train.estimate_prior(P, U, patch_size, seed=0)
-        rows.append((f"prior, synthetic U with {fraction:.0%} aurora frames ({patch_size} px patches)",
-                     f"estimate {result['estimate']:.3f} +- {result['uncertainty']:.3f}, truth {truth:.3f}, "
-                     f"error {result['estimate'] - truth:+.3f}", time.time() - started))
-    return rows
+
+def contact_sheet(work, seeds, out):
+    """Real aurora frames segmented by a model of their own camera (or network); one figure."""
+    import segmentation
+
+    cameras = {
+        "TREx RGB, Gillam": ([REAL_FRAMES / "trex_gill" / "20200508_060500_122643_gill_rgb-04_320ms_full.png"],
+                             [REAL_FRAMES / "trex_gill" / "20211030_060500_149606_gill_rgb-04_320ms_burst.png"]),
+        "KHO KeoSentry 557.7 nm": ([REAL_FRAMES / "kho_svalbard" / "png16" / "W8446B18_2020-12-11_20-09-36.img.png"],
+                                   [REAL_FRAMES / "kho_svalbard" / "png16" / "W8446B185_2017-12-18_03-14-57.img.png"]),
+        "OATH THEMIS (P: Gillam, Gakona)": (
+            sorted((REAL_FRAMES / "themis_gill" / "png16").glob("*.png"))
+            + sorted((REAL_FRAMES / "themis_gako" / "png16").glob("*.png")),
+            sorted((REAL_FRAMES / "oath_themis").glob("*.png"))[:4]),
+    }
+    panels, notes = [], {}
+    for k, (camera, (P_files, U_files)) in enumerate(cameras.items()):
+        folder = work / f"sheet_{k}"
+        for name, files in (("P", P_files), ("U", U_files)):
+            (folder / name).mkdir(parents=True)
+            for path in files:
+                shutil.copy(path, folder / name / path.name)
+        config, _ = train_model(folder / "model", folder / "P", folder / "U", seeds[0])
+        if config is None:
+            notes[camera] = "training failed (collapsed)"
+            continue
+        notes[camera] = f"prior {config['prior']:.3f}"
+        model, preprocessing = data.load_model(folder / "model" / "model.keras")
+        for path in sorted((folder / "U").glob("*.png"))[:2]:
+            frame = next(data.read_frames(path))
+            prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing)
+            p_aurora, mask, _ = segmentation.segment_frame(model, prepared, preprocessing)
+            panels.append((f"{camera}: {path.name[:28]}", segmentation.display_image(prepared.image, prepared.sky),
+                           p_aurora, mask))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 3.6 * max(1, len(panels))), layout="constrained")
+    FigureCanvasAgg(figure)
+    for row, (title, shown, p_aurora, mask) in enumerate(panels):
+        step = max(1, max(mask.shape) // 600)
+        axes = [figure.add_subplot(len(panels), 3, 3 * row + column + 1) for column in range(3)]
+        axes[0].imshow(shown[::step, ::step])
+        axes[0].set_title(title, fontsize=8)
+        axes[1].imshow(p_aurora[::step, ::step], cmap=segmentation.COLOUR_MAP, vmin=0, vmax=1)
+        axes[1].set_title("P(aurora)", fontsize=8)
+        axes[2].imshow(segmentation.overlay(shown, mask)[::step, ::step])
+        axes[2].set_title(f"mask: {mask.mean():.1%} of the frame", fontsize=8)
+        for ax in axes:
+            ax.set_axis_off()
+    figure.savefig(out / "contact_sheet.png", dpi=80)
+    return {"cameras": notes, "figure": str(out / "contact_sheet.png")}
+
+
+# ------------------------------------------------------------ tables
+
+def summarize(name, result):
+    """Lines of the printed table for one set."""
+    lines = []
+
+    def runs_line(label, runs):
+        done = [run for run in runs if not run.get("failed")]
+        failed = len(runs) - len(done)
+        if not done:
+            return f"{label}: every training failed"
+        parts = []
+        ious = [run["iou"] for run in done if run.get("iou") is not None]
+        if ious:
+            worst = min(run["iou_min"] for run in done if run.get("iou_min") is not None)
+            parts.append(f"IoU mean {np.mean(ious):.3f} (seeds {', '.join(f'{v:.3f}' for v in ious)}; worst frame {worst:.3f})")
+        clear = [run["false_aurora"] for run in done if run.get("false_aurora") is not None]
+        if clear:
+            parts.append(f"aurora-free sky called aurora {np.mean(clear):.2%} (worst seed {max(clear):.2%})")
+        priors = [run["prior"] for run in done if "prior" in run]
+        if priors:
+            parts.append(f"prior {', '.join(f'{p:.3f}' for p in priors)}")
+        if failed:
+            parts.append(f"{failed} training(s) failed")
+        return f"{label}: " + "; ".join(parts)
+
+    if name == "held_out":
+        lines.append(runs_line("held-out synthetic frames (12 aurora, 4 clear)", result["seeds"]))
+        done = [run for run in result["seeds"] if not run.get("failed")]
+        if done:
+            lines.append(f"  calibration of pixel P(aurora): ECE {', '.join(f'{run['ece']:.3f}' for run in done)}")
+            lines.append(runs_line("  shipped frames (quick start, --masks dataset/masks)",
+                                   [{**run["shipped"], "prior": run["prior"]} for run in done]))
+        lines.append(runs_line("  anchor (excess > 4 sigma), held-out frames", [result["anchor"]]))
+    elif name == "rare":
+        for prior, entry in result.items():
+            lines.append(runs_line(f"rare aurora, true patch prior {entry['true_prior']:.3f}", entry["runs"]))
+            lines.append(runs_line("  anchor", [entry["anchor"]]))
+    elif name == "real_backgrounds":
+        for camera, entry in result.items():
+            lines.append(runs_line(f"{camera}: real sky + generator aurora ({entry['P_frames']} P, {entry['U_frames']} U)",
+                                   entry["runs"]))
+            lines.append(runs_line("  anchor", [entry["anchor"]]))
+    elif name in ("real_patches", "prior_grid"):
+        runs = [run for run in result["runs"] if not run.get("failed")]
+        failed = len(result["runs"]) - len(runs)
+        for flag in sorted({run["prior_flag"] for run in result["runs"]}):
+            chosen = [run for run in runs if run["prior_flag"] == flag]
+            if not chosen:
+                lines.append(f"real patches, --prior {flag}: every training failed")
+                continue
+            accuracy = [run["accuracy"] for run in chosen]
+            lines.append(f"real patches, --prior {flag} ({len(chosen)} runs): accuracy mean {np.mean(accuracy):.3f}, "
+                         f"worst {min(accuracy):.3f} ({max(run['wrong'] for run in chosen)} of 64 wrong), AUC worst "
+                         f"{min(run['auc'] for run in chosen):.3f}, prior used {', '.join(f'{r['prior']:.3f}' for r in chosen)}")
+        if failed:
+            lines.append(f"  {failed} training(s) failed")
+    elif name == "contact_sheet":
+        lines.append(f"contact sheet {result['figure']}: " + "; ".join(f"{k}: {v}" for k, v in result["cameras"].items()))
+    return lines
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--frames", type=int, default=16, help="held-out synthetic frames")
-    parser.add_argument("--first_seed", type=int, default=FIRST_SEED,
-                        help="generator seed of the first held-out frame (700000: the frames the refinement's "
-                        "constants were chosen on)")
-    parser.add_argument("--arc_width", type=float, nargs=2, default=[0.7, 1.4], metavar=("MIN", "MAX"),
-                        help="range of the held-out frames' arc widths (0.3 0.5: thin arcs)")
-    parser.add_argument("--model", default=None, help="reuse this model.keras instead of training one")
-    parser.add_argument("--epochs", type=int, default=None, help="override train.py's default epochs")
-    parser.add_argument("--splits", type=int, default=5, help="random splits of the real patches")
-    parser.add_argument("--skip_real", action="store_true", help="skip the real-patch evaluation")
-    parser.add_argument("--skip_frames", action="store_true", help="skip the held-out frame evaluation")
-    parser.add_argument("--prior_fractions", type=float, nargs="*", default=[1.0, 0.5, 0.1],
-                        help="fractions of U frames with aurora for the prior evaluation (none: skip it)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=SETS, default=[s for s in SETS if s != "prior_grid"],
+                        help="the sets to measure (default: all but prior_grid)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of each set")
+    parser.add_argument("--out", default="Results/evaluation", help="folder for results.json and the figures")
     args = parser.parse_args(argv)
-
-    rows = []
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if not args.skip_frames:
-            rows += synthetic_evaluation(work, args.model, args.frames, args.epochs, args.first_seed,
-                                         tuple(args.arc_width))
-        rows += prior_evaluation(args.prior_fractions)
-        if args.skip_real:
-            pass
-        elif REAL_PATCHES.is_dir():
-            rows += real_evaluation(work, args.splits)
-        else:
-            print(f"evaluate_quality.py: {REAL_PATCHES} not found; real-patch evaluation skipped")
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'evaluation'.ljust(width)}  {'seconds':>8}  result")
-    for name, result, seconds in rows:
-        print(f"{name.ljust(width)}  {seconds:8.1f}  {result}")
+        for name in args.only:
+            if name in ("real_patches", "prior_grid") and not REAL_PATCHES.is_dir():
+                print(f"evaluate_quality.py: {REAL_PATCHES} not found; {name} skipped")
+                continue
+            started = time.time()
+            results[name] = globals()[name](Path(tmp), args.seeds, out)
+            results[name]["minutes"] = round((time.time() - started) / 60, 1)
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            print("\n".join(summarize(name, results[name])) + f"  [{results[name]['minutes']} min]", flush=True)
 
 
 if __name__ == "__main__":

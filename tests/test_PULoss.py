@@ -173,7 +173,15 @@ def test_pu_zero_one_risk_equals_error_on_the_mixture():
 
 # ---------------------------------------------------------------------- PNU
 
-def ref_pnu(y, z, prior, eta, loss="sigmoid", beta=0.0, gamma=1.0, nnPU=True):
+def ref_pnu(y, z, prior, eta, loss="sigmoid", beta=0.0, gamma=1.0, nnPU=True, gradient=False):
+    """Sakai et al.'s PNU risk, eq. 7, with this project's nnPU correction of its PU or NU part.
+
+    The correction is the project's extension: the PU part's negative-risk
+    estimate (or the NU part's positive-risk estimate) below -beta is
+    reported as ``first - beta`` and back-propagated as ``-gamma`` times
+    that estimate, as in Kiryo et al.'s Algorithm 1. With ``gradient`` the
+    objective whose gradient is back-propagated is returned instead.
+    """
     y, z = np.ravel(y).astype(float), np.ravel(z).astype(float)
     mean = lambda v, m: v[m].sum() / max(1, m.sum())
     p, n, u = y == 1, y == -1, y == 0
@@ -182,7 +190,9 @@ def ref_pnu(y, z, prior, eta, loss="sigmoid", beta=0.0, gamma=1.0, nnPU=True):
     pu_pos, pu_neg = prior * mean(l(z, loss), p), mean(l(-z, loss), u) - prior * mean(l(-z, loss), p)
     nu_neg, nu_pos = tn * mean(l(-z, loss), n), mean(l(z, loss), u) - tn * mean(l(z, loss), n)
     def nn(a, b):
-        return a - beta if nnPU and b < -beta else a + b
+        if nnPU and b < -beta:
+            return -gamma * b if gradient else a - beta
+        return a + b
     if eta >= 0:
         return (1 - eta) * pn + eta * nn(pu_pos, pu_neg)
     return (1 + eta) * pn - eta * nn(nu_neg, nu_pos)
@@ -199,6 +209,16 @@ def test_pnu_loss_matches_reference(eta, scale, nnPU):
     z[Y_PNU == 1] = scale * 1.5
     value = float(PNULoss(0.4, eta, nnPU=nnPU)(Y_PNU, z))
     assert value == pytest.approx(ref_pnu(Y_PNU, z, 0.4, eta, nnPU=nnPU), abs=1e-5)
+
+
+@pytest.mark.parametrize("eta", [-0.5, 0.5])
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_pnu_gradient_matches_reference_with_and_without_the_correction(eta, scale):
+    z = (scale * RNG.normal(size=Y_PNU.size)).astype("float32")
+    z[Y_PNU == 1] = scale * 1.5
+    _, grad = keras_value_and_grad(PNULoss(0.4, eta, gamma=0.5), Y_PNU, z)
+    expected = numeric_grad(lambda zz: ref_pnu(Y_PNU, zz, 0.4, eta, gamma=0.5, gradient=True), z)
+    np.testing.assert_allclose(grad, expected, atol=2e-4)
 
 
 def test_pnu_with_eta_one_is_pu_on_pu_labels():

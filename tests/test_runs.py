@@ -16,8 +16,8 @@ from PIL import Image
 
 import data
 import segmentation
-from conftest import ROOT
-from test_segmentation import centre_model, write_png
+from conftest import ROOT, write_png
+from test_segmentation import centre_model
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 import segmentation
+from conftest import write_png
 from data import sky_mask
 from segmentation import (
     grid_coordinates,
@@ -73,10 +74,6 @@ def model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.keras"
     centre_model().save(path)
     return path
-
-
-def write_png(path, frame):
-    Image.fromarray(np.rint(np.clip(frame, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
 def half_frame(rows=12, cols=16, aurora_cols=6):
@@ -431,6 +428,39 @@ def test_refine_mask_keeps_a_thin_arm_of_a_thick_part_in_any_tiling():
         assert iou_of(refined, truth) > iou_of(loose, truth)
 
 
+def excess_of(frame):
+    """The excess map segmentation computes from a normalized frame (background-normalized preprocessing)."""
+    sky = np.ones(frame.shape[:2], bool)
+    normalized = data.normalize_frame(frame, sky, 1 / 255)
+    return segmentation.excess_map(normalized, {"normalize": "background"})
+
+
+def test_refine_mask_with_excess_seeds_trims_a_mask_far_too_wide():
+    # A model mask 12 pixels wider than the disc all round (more than the
+    # erosion of plain seeds undoes): the excess over the sky finds the disc.
+    frame, disc = disc_frame(size=256, radius=20)
+    sky = np.ones(disc.shape, bool)
+    loose = disk_mask(disc, 12, grow=True)
+    plain = segmentation.refine_mask(frame, loose, sky, patch_size=16)
+    refined, probability = segmentation.refine_mask(frame, loose, sky, patch_size=16, excess=excess_of(frame),
+                                                    return_probability=True)
+    assert iou_of(refined, disc) > 0.93 > iou_of(plain, disc)
+    decided = np.isfinite(probability)
+    np.testing.assert_array_equal(refined[decided], probability[decided] > 0.5)
+    assert decided[disk_mask(loose, 7, grow=True)].all()  # the band and its seeds near the mask
+
+
+def test_refine_mask_with_excess_drops_a_part_of_the_mask_with_nothing_in_it():
+    frame, disc = disc_frame(size=256, radius=16, centre=(60, 60))
+    sky = np.ones(disc.shape, bool)
+    empty_sky = np.zeros_like(disc)
+    empty_sky[160:190, 160:190] = True  # the model's mistake: plain sky
+    refined = segmentation.refine_mask(frame, disk_mask(disc, 4, grow=True) | empty_sky, sky, patch_size=16,
+                                       excess=excess_of(frame))
+    assert not refined[150:200, 150:200].any()
+    assert iou_of(refined, disc) > 0.9
+
+
 def test_refine_mask_arguments_are_checked():
     frame, disc = disc_frame(size=40, radius=10)
     sky = np.ones(disc.shape, bool)
@@ -546,7 +576,7 @@ def test_cli_outputs_summary_and_iou(tmp_path, model_file, capsys):
     truth[:, :8] = 255  # 8 true aurora columns, 6 predicted: IoU 6/8
     Image.fromarray(truth).save(masks / "half.png")
     code, captured = run(capsys, "--dataset", frames, "--model", model_file, "--save_dir", out,
-                         "--masks", masks, "--stride", 1, "--save_probability")
+                         "--masks", masks, "--stride", 1, "--save_probability", "--no-refine")
     assert code == 0, captured.err
     assert "mean IoU 0.7500" in captured.out
 
@@ -610,8 +640,8 @@ def test_cli_refine_snaps_a_loose_mask_and_no_refine_keeps_the_threshold(tmp_pat
         scores[flag] = float(read_summary(out)[0]["iou"])
         mask = np.asarray(Image.open(out / "mask" / "disc.png")) > 0
         assert mask_metrics(mask, disc)["iou"] == pytest.approx(scores[flag])
-        if flag == "--no-refine":
-            np.testing.assert_array_equal(mask, np.load(out / "probability" / "disc.npy") > 0.5)
+        # The pixel P(aurora) written agrees with the mask, refined or not.
+        np.testing.assert_array_equal(mask, np.load(out / "probability" / "disc.npy") > 0.5)
     assert scores["--no-refine"] < 0.85
     assert scores["--refine"] > 0.93
 

@@ -26,6 +26,12 @@ def with_aurora(rng, size):
     return frame
 
 
+# U holds 4 dark frames and 4 with a band over their left half; a 16-pixel
+# patch centred in a 48-pixel frame holds band pixels for 24 of its 33
+# centres across, so 4/8 * 24/33 of U's patches are aurora.
+PRIOR = round(1 - 0.5 * 24 / 33, 3)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """P: 6 dark frames. U: 4 dark + 4 half-aurora frames. N: 4 aurora crops."""
@@ -45,7 +51,7 @@ def folders(tmp_path_factory):
 def base_args(folders, save_dir, *extra):
     return ["--P_dataset", str(folders / "P"), "--U_dataset", str(folders / "U"),
             "--save_dir", str(save_dir), "--patch_size", "16", "--P_n", "200", "--U_n", "400",
-            "--epochs", "1", "--batchsize", "32", "--quiet", "--prior", "0.4", *extra]
+            "--epochs", "1", "--batchsize", "32", "--quiet", "--prior", str(PRIOR), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +71,8 @@ def test_cli_writes_every_output(trained):
 
 def test_config_records_the_resolved_settings(trained, folders):
     config = json.loads((trained / "config.json").read_text())
-    assert config["prior"] == config["prior_given"] == 0.4
-    assert config["method"] == "nnPU" and config["balanced"] is True and config["loss"] == "logistic"
+    assert config["prior"] == config["prior_given"] == PRIOR
+    assert config["method"] == "nnPU" and config["balanced"] is True and config["loss"] == "sigmoid"
     assert config["model"] == "CNN"
     assert config["P_dataset"] == [str(folders / "P")]
     assert config["P_frames"] == 6 and config["U_frames"] == 8
@@ -104,7 +110,7 @@ def test_saved_model_loads_in_a_fresh_process_without_project_modules(trained):
 
 def test_resnet18_classifies_held_out_patches_in_inference_mode(folders, tmp_path):
     save_dir = tmp_path / "Results"
-    code = train.main(base_args(folders, save_dir, "--epochs", "3", "--prior", "0.75"))
+    code = train.main(base_args(folders, save_dir, "--epochs", "3"))
     assert code == 0
     import keras
 
@@ -122,7 +128,7 @@ def test_no_nnpu_selects_upu_and_no_balanced_the_plain_risk(folders, tmp_path):
     loss = train.make_loss(args, 0.4)
     assert type(loss).__name__ == "PULoss" and loss.nnPU is False and loss.balanced is False
     loss = train.make_loss(train.build_parser().parse_args(base_args(folders, tmp_path)), 0.4)
-    assert loss.nnPU is True and loss.balanced is True and loss.loss == "logistic" and loss.prior == 0.4
+    assert loss.nnPU is True and loss.balanced is True and loss.loss == "sigmoid" and loss.prior == 0.4
 
 
 def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
