@@ -840,14 +840,20 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
 
     Notes
     -----
-    The sky is cut into square blocks (``blocks`` across its diameter), each
-    summarised by the ``quantile`` percentile of its sky pixels (blocks with
-    less than a quarter sky are left out); the block values are replaced by
-    their median over a window of ``scale`` of the diameter, blocks outside
-    the sky take the nearest value, and the result is smoothed by one block
-    and interpolated bilinearly to every pixel. Working on blocks keeps a
-    4096x4096 frame to a 48x48 grid: the cost is that of one pass over a
-    subsample of the pixels.
+    First the sky's radial profile: the ``quantile`` percentile of each of
+    ``blocks`` rings around the sky's centre, flat inside half the radius.
+    Vignetting, the airglow ring and the glow of the horizon are (nearly)
+    the same all round and change fast toward the rim, faster than any
+    window over the sky could follow; aurora covers a small part of an
+    outer ring. Then, on the frame minus that
+    profile, the rest: the sky is cut into square blocks (``blocks`` across
+    its diameter), each summarised by the ``quantile`` percentile of its sky
+    pixels (blocks with less than a quarter sky are left out); the block
+    values are replaced by their median over a window of ``scale`` of the
+    diameter, blocks outside the sky take the nearest value, and the result
+    is smoothed by one block and interpolated bilinearly to every pixel.
+    Working on rings and blocks keeps a 4096x4096 frame to a few thousand
+    numbers: the cost is that of one pass over a subsample of the pixels.
     """
     from scipy import ndimage
 
@@ -856,6 +862,7 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     if sky_rows.size == 0:
         return np.zeros_like(image)
     diameter = max(sky_rows.max() - sky_rows.min(), sky_cols.max() - sky_cols.min()) + 1
+    centre = ((sky_rows.min() + sky_rows.max()) / 2, (sky_cols.min() + sky_cols.max()) / 2)
     cell = max(1, int(round(diameter / blocks)))
     step = max(1, cell // 12)  # about 144 pixels a block are plenty for a percentile
     cell -= cell % step
@@ -864,6 +871,8 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     # a multiple of step, so blocks still start on sampled pixels.
     per_block = cell // step
     masked, values = sky[::step, ::step], image[::step, ::step]
+    profile = _radial_profile(values, masked, centre, step, diameter / 2, blocks, quantile)
+    values = values - profile(*np.ogrid[:masked.shape[0], :masked.shape[1]], step=step)
     padding = ((0, grid_rows * per_block - masked.shape[0]), (0, grid_cols * per_block - masked.shape[1]))
     masked = np.pad(masked, padding).reshape(grid_rows, per_block, grid_cols, per_block).transpose(0, 2, 1, 3)
     values = np.pad(values, padding + ((0, 0),)).reshape(grid_rows, per_block, grid_cols, per_block, channels)
@@ -878,7 +887,8 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     grid = _nan_percentile(windows.reshape(grid_rows, grid_cols, channels, -1), 50)
     missing = ~np.isfinite(grid[..., 0])
     if missing.all():
-        return np.broadcast_to(np.median(image[sky], axis=0), image.shape).astype(np.float32)
+        grid = np.zeros_like(grid)
+        missing[:] = False
     nearest = ndimage.distance_transform_edt(missing, return_distances=False, return_indices=True)
     grid = ndimage.gaussian_filter(grid[nearest[0], nearest[1]], (1, 1, 0)).astype(np.float32)
     # Bilinear between block centres, one axis at a time (a full-size
@@ -890,7 +900,62 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     along_rows = grid[row_lower] * (1 - row_weight)[:, None, None] + grid[row_lower + 1] * row_weight[:, None, None]
     full = along_rows[:, col_lower] * (1 - col_weight)[None, :, None]
     full += along_rows[:, col_lower + 1] * col_weight[None, :, None]
+    for start in range(0, rows, 256):  # in blocks of rows: a 4096x4096 profile is 200 MB
+        full[start:start + 256] += profile(*np.ogrid[start:min(start + 256, rows), :cols])
     return full
+
+
+def _radial_profile(values, masked, centre, step, radius, rings, quantile):
+    """The ``quantile`` percentile of the sky in each of ``rings`` rings: a function of (row, col) -> (..., channels).
+
+    ``values`` and ``masked`` are the frame and its sky sampled every
+    ``step`` pixels; the returned function takes full-resolution row and
+    column indices (or sampled ones with ``step``).
+    """
+    sample_rows, sample_cols = np.ogrid[:masked.shape[0], :masked.shape[1]]
+    distance = np.hypot(sample_rows * step - centre[0], sample_cols * step - centre[1])
+    ring = np.minimum((distance / max(radius, 1.0) * rings).astype(np.intp), rings)[masked]
+    sky_values = values[masked]
+    order = np.argsort(ring, kind="stable")
+    ring, sky_values = ring[order], sky_values[order]
+    bounds = np.searchsorted(ring, np.arange(rings + 2))
+    levels = np.full((rings + 1, values.shape[2]), np.nan, np.float32)
+    for k in range(rings + 1):
+        inside = sky_values[bounds[k]:bounds[k + 1]]
+        if len(inside) >= 8:
+            levels[k] = np.percentile(inside, quantile, axis=0)
+    known = np.isfinite(levels[:, 0])
+    radii = (np.arange(rings + 1) + 0.5) * radius / rings
+    if not known.any():
+        levels[:], known[:] = 0.0, True
+    levels = np.stack([np.interp(radii, radii[known], levels[known, c]) for c in range(values.shape[2])], axis=1)
+    levels = ndimage_median3(levels)
+    # Inside half the radius the profile stays flat: the sky near the zenith
+    # changes little from ring to ring, and there a ring is so small that
+    # an arc or a patch across the zenith fills it.
+    inner = radii < radius / 2
+    if inner.any() and not inner.all():
+        levels[inner] = levels[np.argmax(~inner)]
+
+    # A table by whole pixels of radius: a lookup per pixel instead of an
+    # interpolation (a 4096x4096 frame has 16 million of them).
+    reach = int(np.ceil(np.hypot(*centre) + np.hypot(values.shape[0] * step, values.shape[1] * step))) + 2
+    table = np.stack([np.interp(np.arange(reach), radii, levels[:, c]) for c in range(levels.shape[1])],
+                     axis=1).astype(np.float32)
+
+    def profile(rows, cols, step=1):
+        at = np.hypot(np.float32(rows * step - centre[0]), np.float32(cols * step - centre[1]))
+        return table[np.minimum(np.rint(at).astype(np.intp), reach - 1)]
+
+    return profile
+
+
+def ndimage_median3(levels):
+    """A running median of 3 along the first axis (ends kept): one noisy ring does not make a step."""
+    smoothed = levels.copy()
+    if len(levels) >= 3:
+        smoothed[1:-1] = np.median(np.stack([levels[:-2], levels[1:-1], levels[2:]]), axis=0)
+    return smoothed
 
 
 def _block_weights(length, cell, blocks):
@@ -916,58 +981,61 @@ def _nan_percentile(values, percentile):
 def pixel_noise(image, sky, floor, background=None):
     """Per-channel standard deviation of the pixel noise, robustly, from neighbour differences.
 
-    Differences of horizontally adjacent sky pixels cancel everything that
-    varies slowly (background, moonlight), so their median absolute
-    deviation / (0.6745 * sqrt(2)) estimates the noise. Aurora is not slow:
-    the rays of an arc would inflate the estimate, and the noise of a frame
-    with aurora would then read smaller than that of a frame without, a
-    difference a P-versus-U classifier learns instead of the aurora. With
-    ``background`` given, the estimate is repeated on the pairs of pixels
-    that both lie less than two first estimates above the background, which
-    leaves out aurora and stars. Returns an ndarray of shape (channels,),
-    float32, each at least ``floor`` (half a count: JPEG compression can
-    flatten a dark sky to a single value).
+    Differences of sky pixels one and two columns apart cancel everything
+    that varies slowly (background, moonlight), so their median absolute
+    deviation / (0.6745 * sqrt(2)) estimates the noise; the larger of the
+    two is kept, because JPEG compression and optics wider than a pixel
+    smooth neighbouring pixels together. Aurora is not slow: the rays of an
+    arc would inflate the estimate, and the noise of a frame with aurora
+    would then read larger than that of a frame without, a difference a
+    P-versus-U classifier learns instead of the aurora. With ``background``
+    given, the estimate is repeated on the pairs of pixels that both lie
+    within 1.5 first estimates of the sky's median level above the
+    background, which leaves out aurora, its brighter shot noise and stars
+    (and reads about 0.8 of the full noise, the same for every frame). Returns an ndarray of shape (channels,), float32, each
+    at least ``floor`` (half a count: compression can flatten a dark sky to
+    a single value).
     """
     step = max(1, image.shape[0] // 512)
     rows = image[::step]
-    both = sky[::step, 1:] & sky[::step, :-1]
+    quiet = None
 
-    def estimate(pairs):
-        differences = (rows[:, 1:] - rows[:, :-1])[pairs]
+    def estimate(lag):
+        pairs = sky[::step, lag:] & sky[::step, :-lag]
+        if quiet is not None:
+            pairs &= quiet[:, lag:] & quiet[:, :-lag]
+        differences = (rows[:, lag:] - rows[:, :-lag])[pairs]
         if len(differences) < 16:
             return None
-        deviation = np.median(np.abs(differences - np.median(differences, axis=0)), axis=0)
-        return np.maximum(1.4826 * deviation / np.sqrt(2), floor).astype(np.float32)
+        centred = differences - np.median(differences, axis=0)
+        # The MAD of integer counts moves in whole counts (2.1 or 3.15 of
+        # 255); the standard deviation within 4 MADs does not.
+        spread = np.maximum(1.4826 * np.median(np.abs(centred), axis=0), floor * np.sqrt(2))
+        inside = np.abs(centred) < 4 * spread
+        clipped = np.sqrt(np.sum(np.where(inside, centred, 0) ** 2, axis=0) / np.maximum(inside.sum(axis=0), 1))
+        return clipped / np.sqrt(2)
 
-    noise = estimate(both)
-    if noise is None:
+    def noise():
+        found = [value for value in (estimate(1), estimate(2)) if value is not None]
+        return np.maximum(np.max(found, axis=0), floor).astype(np.float32) if found else None
+
+    first = noise()
+    if first is None:
         return np.full(image.shape[2], floor, np.float32)
-    if background is not None:
-        quiet = ((rows - background[::step]) < 2 * noise).all(axis=2)
-        refined = estimate(both & quiet[:, 1:] & quiet[:, :-1])
-        noise = noise if refined is None else refined
-    return noise
-
-
-def sky_spread(image, sky, background):
-    """Per-channel spread of the sky around its background, from the lower tail only: ndarray (channels,).
-
-    ``(25th - 5th percentile of image - background) / 0.97``, the standard
-    deviation for Gaussian fluctuations. Aurora only adds light, so it stays
-    out of the lower tail unless it covers most of the sky. Where the frame
-    is smooth (optics wider than a pixel, as THEMIS's) or the background
-    leaves structure (a moon's halo), this exceeds the pixel noise.
-    """
-    step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / 250_000)))
-    residual = (image[::step, ::step] - background[::step, ::step])[sky[::step, ::step]]
-    if len(residual) < 16:
-        return np.zeros(image.shape[2], np.float32)
-    low, high = np.percentile(residual, [5, 25], axis=0)
-    return ((high - low) / 0.97).astype(np.float32)
+    if background is None:
+        return first
+    # Pairs of the sky's own level only: within 1.5 first estimates of the
+    # sky's median excess over its background (the background is a lower
+    # envelope), so that aurora and its brighter shot noise stay out.
+    residual = rows - background[::step]
+    level = np.median(residual[sky[::step]], axis=0) if sky.any() else 0.0
+    quiet = (np.abs(residual - level) < 1.5 * first).all(axis=2)
+    refined = noise()
+    return first if refined is None else refined
 
 
 def normalize_frame(image, sky, quantum, method="background"):
-    """What the model sees of a frame: excess over the sky's background in units of the sky's fluctuation.
+    """What the model sees of a frame: excess over the sky's background in units of the pixel noise.
 
     Parameters
     ----------
@@ -986,9 +1054,7 @@ def normalize_frame(image, sky, quantum, method="background"):
     -------
     normalized : ndarray of shape (rows, cols, 3), float32
         ``asinh((image - background) / (noise * NORMALIZE_SOFTENING))`` per
-        channel, 0 outside the sky: ``sky_background``, and as noise the
-        larger of the pixel noise (``pixel_noise``) and the sky's spread
-        around its background (``sky_spread``).
+        channel (``sky_background``, ``pixel_noise``), 0 outside the sky.
 
     Notes
     -----
@@ -1003,7 +1069,7 @@ def normalize_frame(image, sky, quantum, method="background"):
     if method != "background":
         raise ValueError(f"Invalid method: expected one of {NORMALIZATIONS}, received {method!r}")
     background = sky_background(image, sky)
-    noise = np.maximum(pixel_noise(image, sky, 0.5 * quantum, background), sky_spread(image, sky, background))
+    noise = pixel_noise(image, sky, 0.5 * quantum, background)
     normalized = background  # reused in place: one full-size temporary, not three
     np.subtract(image, background, out=normalized)
     normalized /= noise * np.float32(NORMALIZE_SOFTENING)

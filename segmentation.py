@@ -1839,8 +1839,9 @@ def build_parser():
                "exit codes: 0 all frames done, 1 some frames could not be read (named, skipped), "
                "2 bad input or an output could not be written (nothing lost; --resume continues)")
     essential = parser.add_argument_group("essential")
-    essential.add_argument("--dataset", required=True,
-                           help="folder of frames (JPEG, PNG, TIFF, FITS, PGM stacks, CDF) or one frame file")
+    essential.add_argument("--dataset", default=None,
+                           help="folder of frames (JPEG, PNG, TIFF, FITS, PGM stacks, CDF) or one frame file; "
+                                "required except with --merge")
     essential.add_argument("--model", default="Results/model.keras",
                            help="model.keras written by train.py (default: %(default)s)")
     essential.add_argument("--save_dir", default="Results/segmentation",
@@ -1933,6 +1934,8 @@ def main(argv=None):
         args.outputs = [*args.outputs, "probability"]
     files = run_files(save_dir, args.shard)
 
+    if args.dataset is None and not args.merge:
+        return _error("the following argument is required: --dataset (a folder of frames, or one frame file)")
     if args.merge:
         try:
             count = merge_shards(save_dir, args.quiet)

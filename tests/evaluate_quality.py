@@ -295,8 +295,7 @@ def inject(image, rng, sky, amplitude=(8, 40), threshold=5.0):
         if 0.03 < (emission.max(axis=2) > 0.1)[sky].mean() < 0.4:
             break
     background = data.sky_background(image, sky)
-    noise = float(np.max(np.maximum(data.pixel_noise(image, sky, 1e-6, background),
-                                    data.sky_spread(image, sky, background))))
+    noise = float(np.max(data.pixel_noise(image, sky, 1e-6, background)))
     grey = np.allclose(image[..., 0], image[..., 1])
     emission = np.repeat(emission[..., 1:2], 3, axis=2) if grey else emission
     emission = emission / max(float(emission.max()), 1e-6) * rng.uniform(*amplitude) * noise
@@ -480,7 +479,8 @@ def summarize(name, result):
         lines.append(runs_line("held-out synthetic frames (12 aurora, 4 clear)", result["seeds"]))
         done = [run for run in result["seeds"] if not run.get("failed")]
         if done:
-            lines.append(f"  calibration of pixel P(aurora): ECE {', '.join(f'{run['ece']:.3f}' for run in done)}")
+            eces = ", ".join(f"{run['ece']:.3f}" for run in done)
+            lines.append(f"  calibration of pixel P(aurora): ECE {eces}")
             lines.append(runs_line("  shipped frames (quick start, --masks dataset/masks)",
                                    [{**run["shipped"], "prior": run["prior"]} for run in done]))
         lines.append(runs_line("  anchor (excess > 4 sigma), held-out frames", [result["anchor"]]))
@@ -502,9 +502,10 @@ def summarize(name, result):
                 lines.append(f"real patches, --prior {flag}: every training failed")
                 continue
             accuracy = [run["accuracy"] for run in chosen]
+            used = ", ".join(f"{run['prior']:.3f}" for run in chosen)
             lines.append(f"real patches, --prior {flag} ({len(chosen)} runs): accuracy mean {np.mean(accuracy):.3f}, "
                          f"worst {min(accuracy):.3f} ({max(run['wrong'] for run in chosen)} of 64 wrong), AUC worst "
-                         f"{min(run['auc'] for run in chosen):.3f}, prior used {', '.join(f'{r['prior']:.3f}' for r in chosen)}")
+                         f"{min(run['auc'] for run in chosen):.3f}, prior used {used}")
         if failed:
             lines.append(f"  {failed} training(s) failed")
     elif name == "contact_sheet":

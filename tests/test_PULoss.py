@@ -336,6 +336,7 @@ def negative_risk_during_training(nnPU, beta=0.0):
     return np.array(risks)
 
 
+@pytest.mark.slow
 def test_upu_negative_risk_goes_below_zero_and_nnpu_does_not():
     upu = negative_risk_during_training(nnPU=False)
     nnpu = negative_risk_during_training(nnPU=True, beta=0.0)

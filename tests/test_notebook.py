@@ -65,6 +65,7 @@ def test_stored_figures_are_embedded_png():
         assert base64.b64decode(image).startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.slow
 def test_notebook_executes_without_errors():
     stored = NOTEBOOK.read_bytes()
     entries_before = {path.name for path in ROOT.iterdir()} - {"__pycache__", ".pytest_cache"}

@@ -160,6 +160,7 @@ def arguments(folders, save_dir, *extra):
             "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_prior_auto_is_the_default_and_is_recorded(folders, tmp_path):
     assert train.build_parser().parse_args(arguments(folders, tmp_path)).prior == "auto"
     assert train.main(arguments(folders, tmp_path, "--epochs", "1")) == 0
@@ -195,6 +196,7 @@ def test_bad_prior_is_one_line_with_exit_2(folders, tmp_path, capsys):
     assert len(lines) == 1 and re.search(r"argument --prior: expected a number in \(0, 1\), received 'abc'", lines[0])
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_weights_of_the_best_epoch(folders, tmp_path):
     code = train.main(arguments(folders, tmp_path, "--prior", "0.8", "--epochs", "4", "--early_stopping",
                                 "--patience", "1"))

@@ -4,6 +4,7 @@ segmentation quality fails CI. Short training, loose bound."""
 import csv
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import data
@@ -12,6 +13,7 @@ import train
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_short_training_segments_heldout_frames(tmp_path):
     frames, masks = tmp_path / "frames", tmp_path / "masks"
     frames.mkdir()

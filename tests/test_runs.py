@@ -256,6 +256,7 @@ def test_resume_is_refused_without_a_run_or_with_other_settings(tmp_path, model_
     assert code == 2 and "model file contents" in captured.err
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_summary(tmp_path, model_file):
     """SIGKILL at a random moment, twice, then --resume: the same summary and masks as one whole run."""
     frames = tmp_path / "frames"
@@ -294,7 +295,7 @@ def test_three_shards_merged_equal_one_run(tmp_path, model_file, capsys, night):
         assert run(capsys, *args, "--save_dir", out, "--shard", part)[0] == 0
     counts = [len(summary(out, f"summary.shard-{k}-of-3.csv")) - 1 for k in (1, 2, 3)]
     assert counts == [2, 2, 2]
-    code, captured = run(capsys, "--dataset", night, "--save_dir", out, "--merge")
+    code, captured = run(capsys, "--save_dir", out, "--merge")
     assert code == 0 and "merged 6 frames" in captured.out
     assert without_seconds(summary(out)) == without_seconds(summary(tmp_path / "whole"))
     whole_keogram = np.load(next((tmp_path / "whole" / "night").glob("*.npz")))

@@ -95,6 +95,7 @@ def test_history_has_risks_per_epoch(trained):
         assert np.isfinite(float(rows[-1][key])), key
 
 
+@pytest.mark.slow
 def test_saved_model_loads_in_a_fresh_process_without_project_modules(trained):
     script = (
         "import sys, keras, numpy as np\n"
@@ -108,6 +109,7 @@ def test_saved_model_loads_in_a_fresh_process_without_project_modules(trained):
     assert result.stdout.strip().splitlines()[-1] == "(None, 16, 16, 3) (3, 1) float32"
 
 
+@pytest.mark.slow
 def test_resnet18_classifies_held_out_patches_in_inference_mode(folders, tmp_path):
     save_dir = tmp_path / "Results"
     code = train.main(base_args(folders, save_dir, "--epochs", "3"))
@@ -195,6 +197,7 @@ def test_existing_model_is_not_overwritten(folders, tmp_path, capsys):
     assert (save_dir / "model.keras").read_bytes() != b"earlier run"
 
 
+@pytest.mark.slow
 def test_cli_runs_as_a_script(folders, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--P_dataset" in result.stdout and "(default: auto)" in result.stdout
