@@ -1533,28 +1533,47 @@ def sample_patches(image, sky, patch_size, n, rng):
 
 
 def sky_conditions(prepared):
-    """A short description of a frame's sky, to compare frames: ndarray of shape (6,), float32.
+    """A short description of a frame's sky, to compare frames: ndarray of shape (7,), float32.
 
-    The log median brightness of the sky per channel, the log of its
-    brightest part of the background over its darkest (gradients: moon,
-    twilight, horizon glow), the fraction of the sky near saturation, and
-    the fraction of sky pixels more than 3 noise levels above the
-    background (stars, clouds lit from below, aurora).
+    Taken from the darkest parts of the sky, which aurora rarely fills, as
+    logs of ratios: the 5th percentile of the sky per channel; that of its
+    outer rim (beyond 0.8 of the radius) over that of its middle (horizon
+    glow, twilight); of its brighter half over its darker half (moonlight
+    from one side); of the brightest eighth of the rim over the whole rim
+    (a town's glow on one horizon); and the pixel noise over the level.
+    Aurora that fills half the sky moves the last three as well.
     """
     image, sky = prepared.image, prepared.sky
-    pixels = image[sky][::17] if sky.any() else image.reshape(-1, 3)[::17]
-    level = np.median(pixels, axis=0)
-    brightness = pixels.mean(axis=1)
-    spread = np.log((np.percentile(brightness, 95) + 1e-3) / (np.percentile(brightness, 5) + 1e-3))
-    saturated = np.mean(pixels.max(axis=1) >= 0.99)
-    bright = np.mean(prepared.model_input[sky][::17].max(axis=1) > np.arcsinh(1.0)) if sky.any() else 0.0
-    return np.array([*np.log(level + 1e-3), spread, saturated, bright], np.float32)
+    if not sky.any():
+        sky = np.ones(sky.shape, bool)
+    rows, cols = np.nonzero(sky)
+    centre_row, centre_col = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+    radius = max(rows.max() - rows.min(), cols.max() - cols.min()) / 2 + 1
+    step = max(1, len(rows) // 50_000)
+    rows, cols = rows[::step], cols[::step]
+    pixels = image[rows, cols]
+    distance = np.hypot(rows - centre_row, cols - centre_col) / radius
+    angle = np.arctan2(rows - centre_row, cols - centre_col)
+
+    def dark(chosen):
+        return float(np.percentile(pixels[chosen].mean(axis=1), 5)) + 1e-3 if chosen.any() else 1e-3
+
+    level = np.percentile(pixels, 5, axis=0) + 1e-3
+    turns = np.linspace(0, np.pi, 4, endpoint=False)
+    side = max(abs(np.log(dark((np.cos(angle - turn) > 0) & (distance < 0.8))
+                          / dark((np.cos(angle - turn) < 0) & (distance < 0.8)))) for turn in turns)
+    rim = dark(distance > 0.8)
+    eighth = np.floor((angle + np.pi) / (np.pi / 4)).astype(int) % 8
+    rim_side = max(np.log(dark((distance > 0.8) & (eighth == k)) / rim) for k in range(8))
+    noise = float(np.mean(pixel_noise(image, prepared.sky, 0.5 * prepared.quantum)))
+    return np.array([*np.log(level), np.log(rim / dark(distance < 0.5)), side, rim_side,
+                     np.log((noise + 1e-4) / level.mean())], np.float32)
 
 
 class PatchSet(NamedTuple):
     """Patches of many frames: ``patches`` (n, p, p, 3) float32 cut from the prepared frames,
     ``frame_of`` (n,) int the frame of each patch, ``centres`` (n, 2) int its centre (row, col)
-    in that frame, ``names`` the frames' names in reading order, ``conditions`` (frames, 6) their
+    in that frame, ``names`` the frames' names in reading order, ``conditions`` (frames, 7) their
     ``sky_conditions`` and ``skyless`` the names of frames in which no fisheye border was found."""
 
     patches: np.ndarray

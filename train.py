@@ -554,19 +554,19 @@ def fold_offset(model, offset):
     model.layers[-1].set_weights([weights, bias - np.float32(offset)])
 
 
-def p_coverage(P, U, factor=1.5):
+def p_coverage(P, U, factor=3.0):
     """U frames whose sky is unlike every P frame (``data.sky_conditions``), which P should then include.
 
-    Each frame is described by a few numbers (sky level and colour, glow,
-    saturation, bright structure), standardized; a U frame is unlike P when
-    its distance to the nearest P frame exceeds ``factor`` times the largest
-    distance between a P frame and its nearest other P frame.
+    Each frame is described by a few numbers of its sky's background (level
+    and colour, glow, noise), in units of their spread over the P frames; a
+    U frame is unlike P when its distance to the nearest P frame exceeds
+    ``factor`` times the largest distance of a P frame to its nearest other
+    P frame. Returns their names, the most unlike first.
     """
-    conditions = np.concatenate([P.conditions, U.conditions])
-    scale = conditions.std(axis=0) + 1e-6
-    p_points, u_points = P.conditions / scale, U.conditions / scale
-    if len(p_points) < 2:
+    if len(P.conditions) < 3:
         return []
+    scale = P.conditions.std(axis=0) + 0.05
+    p_points, u_points = P.conditions / scale, U.conditions / scale
     between_p = np.linalg.norm(p_points[:, None] - p_points[None], axis=2)
     np.fill_diagonal(between_p, np.inf)
     reach = factor * between_p.min(axis=1).max()

@@ -41,6 +41,28 @@ def test_offset_is_folded_into_the_last_bias():
     np.testing.assert_allclose(data.predict_logits(model, patches), before - 1.5, atol=1e-5)
 
 
+def frame_set(specs, size=128):
+    """A PatchSet holding only the names and sky conditions of generator frames drawn with ``specs``."""
+    preprocessing = {"normalize": "background", "camera_range": [0.0, 255.0], "full_scale": 255.0}
+    conditions = []
+    for settings in specs.values():
+        image, _ = data.synthetic_frame(size, **settings)
+        conditions.append(data.sky_conditions(data.prepare_frame(image, 255.0, preprocessing)))
+    return data.PatchSet(None, None, None, list(specs), np.stack(conditions), [])
+
+
+def test_u_frames_in_conditions_p_lacks_are_named_and_clear_skies_are_not():
+    P = frame_set({f"p{k}": dict(seed=k, aurora=False) for k in range(8)})
+    clear = {f"clear{k}": dict(seed=k, aurora=False) for k in range(20, 26)}
+    # Strong conditions, which move the conditions well past the spread of P's clear skies.
+    unlike = {"moonlit": dict(seed=30, aurora=False, moon=4.0), "town": dict(seed=40, aurora=False, town_glow=3.0),
+              "twilight": dict(seed=18, aurora=False, twilight=3.0)}
+    named = train.p_coverage(P, frame_set({**clear, **unlike}))
+    assert set(named) == set(unlike)
+    # Too few P frames to say what P covers: nothing is named.
+    assert train.p_coverage(frame_set({"p0": dict(seed=0, aurora=False)}), frame_set(unlike)) == []
+
+
 # ------------------------------------------------------------ through train.py
 
 def frames_folder(folder, count, aurora, size=96, seed=0, bit_depth=8, **settings):
