@@ -1,9 +1,10 @@
-"""Benchmark segmentation speed and memory, and the training input pipeline (issue 8).
+"""Benchmark segmentation speed and memory, the training input pipeline, and archive runs.
 
 Run from the project folder::
 
     python tests/benchmark_segmentation.py --model Results/model.keras
-    python tests/benchmark_segmentation.py --model Results/model.keras --large   # adds a 4096x4096 frame
+    python tests/benchmark_segmentation.py --model Results/model.keras --large     # adds a 4096x4096 frame
+    python tests/benchmark_segmentation.py --model Results/model.keras --archive   # folder runs of 50 to 500 frames
 
 It prints one table, one row per segmentation method: seconds per frame,
 patches evaluated, peak memory, agreement (IoU of the aurora masks) with the
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -76,48 +76,53 @@ def _max_rss_mb(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def _frames(size, count):
+def _frames(size, count, preprocessing):
+    """The generator's aurora frames, prepared as the model was trained (``data.prepare_frame``)."""
     import data
 
-    return [data.synthetic_frame(size, seed=seed)[0].astype("float32") / 255 for seed in range(count)]
+    return [data.prepare_frame(data.synthetic_frame(size, seed=seed)[0].astype("float32"), 255.0, preprocessing)
+            for seed in range(count)]
 
 
 def worker_segment(args, started):
     """Segment ``args.frames`` frames with one method; save the masks; report times and memory."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras  # noqa: F401  (timed: this is the TensorFlow import)
+    import data
 
+    keras = data.import_keras()  # noqa: F841  (timed: this is the backend's import)
     imported = time.time()
     import segmentation
 
-    model = segmentation.load_model(args.model)
+    model, preprocessing = data.load_model(args.model)
     loaded = time.time()
-    frames = _frames(args.size, args.frames)
+    frames = _frames(args.size, args.frames, preprocessing)
     settings = {"batch_size": args.batchsize, **METHODS[args.worker]}
+    patch_size = data.patch_size_of(model)
     # The first frame includes tracing the forward pass: timed separately.
     # The exact mode traces on a corner, to spare a whole extra exact frame.
-    _, warm_mask, warm_sky, _ = segmentation.segment_frame(
-        model, frames[0][:64, :64] if args.worker == EXACT else frames[0], **settings)
+    warm = frames[0]
+    if args.worker == EXACT:
+        warm = warm._replace(image=warm.image[:64, :64], model_input=warm.model_input[:64, :64], sky=warm.sky[:64, :64])
+    warm_p, warm_mask, _ = segmentation.segment_frame(model, warm, preprocessing, **settings)
     first_frame = time.time()
     if args.worker == DEFAULT:
         # Imports scikit-image's random walker, outside the timed frames.
-        segmentation.refine_mask(frames[0], warm_mask, warm_sky, segmentation.patch_size_of(model))
+        segmentation.finish_mask(warm, warm_p, warm_mask, patch_size, preprocessing)
     seconds, patches, masks = [], [], []
     bare, refine_seconds = [], []
-    for image in frames:
+    for prepared in frames:
         if args.worker == EXACT:
-            bare.append(_bare_throughput(segmentation, model, image, args.batchsize))
+            bare.append(_bare_throughput(segmentation, model, prepared.model_input, args.batchsize))
         start = time.perf_counter()
-        _, mask, sky, count = segmentation.segment_frame(model, image, **settings)
+        p_aurora, mask, count = segmentation.segment_frame(model, prepared, preprocessing, **settings)
         seconds.append(time.perf_counter() - start)
         patches.append(count)
         masks.append(mask)
         if args.worker == DEFAULT:
             start = time.perf_counter()
-            segmentation.refine_mask(image, mask, sky, segmentation.patch_size_of(model))
+            segmentation.finish_mask(prepared, p_aurora, mask, patch_size, preprocessing)
             refine_seconds.append(time.perf_counter() - start)
     if args.worker == EXACT:
-        bare.append(_bare_throughput(segmentation, model, frames[-1], args.batchsize))
+        bare.append(_bare_throughput(segmentation, model, frames[-1].model_input, args.batchsize))
     np.save(args.masks_file, np.stack(masks))
     return {
         "seconds": seconds,
@@ -137,13 +142,15 @@ def _bare_throughput(segmentation, model, image, batch_size, count=4096):
     Returns (forward pass of ``predict_logits``, ``model.predict``), both on
     the same array of ``count`` contiguous patches.
     """
-    patch_size = segmentation.patch_size_of(model)
+    import data
+
+    patch_size = data.patch_size_of(model)
     windows = segmentation.patch_windows(segmentation.pad_frame(image, patch_size), patch_size)
     rows = np.random.default_rng(0).integers(0, image.shape[0], count)
     cols = np.random.default_rng(1).integers(0, image.shape[1], count)
     patches = np.ascontiguousarray(windows[rows, cols])
     start = time.perf_counter()
-    segmentation.predict_logits(model, patches, batch_size)
+    data.predict_logits(model, patches, batch_size)
     forward = count / (time.perf_counter() - start)
     model.predict(patches[:batch_size], batch_size=batch_size, verbose=0)  # traces predict once
     start = time.perf_counter()
@@ -154,12 +161,14 @@ def _bare_throughput(segmentation, model, image, batch_size, count=4096):
 
 def worker_seed(args, started):
     """The seed's method on a block of rows of each frame (or the whole frame)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import data
+
+    data.import_keras()
     import segmentation
 
-    model = segmentation.load_model(args.model)
-    patch_size = segmentation.patch_size_of(model)
-    frames = _frames(args.size, args.frames)
+    model, preprocessing = data.load_model(args.model)
+    patch_size = data.patch_size_of(model)
+    frames = [prepared.model_input for prepared in _frames(args.size, args.frames, preprocessing)]
     block_rows = args.seed_block_rows or args.size
     # The seed's predict traces once for a night of frames; not timed.
     model.predict(np.zeros((512, patch_size, patch_size, 3), np.float32), batch_size=512, verbose=0)
@@ -185,11 +194,10 @@ def worker_seed(args, started):
 
 
 def worker_training(args, started):
-    """Seconds per training step: the P/U PyDataset against fit on pre-built arrays."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
+    """Seconds per training step: the P/U batches against fit on pre-built arrays."""
     import data
+
+    keras = data.import_keras()
     import train
     from PULoss import PULoss
 
@@ -209,14 +217,15 @@ def worker_training(args, started):
         y = np.concatenate([b[1] for b in batches])
         del batches
         # Warm-up: traces the train step for both inputs.
-        model.fit(data.make_pu_dataset(P, U, batch_size, seed=1, steps_per_epoch=5), epochs=1, verbose=0)
+        warm = data.make_pu_dataset(P, U, batch_size, seed=1, steps_per_epoch=5)
+        model.fit(iter(warm), steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)
         model.fit(x[: 5 * batch_size], y[: 5 * batch_size], batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
         timings = {"pipeline": [], "arrays": []}
         # Alternating halves: a change in the machine's load hits both alike.
         for _ in range(2):
             start = time.perf_counter()
-            model.fit(data.make_pu_dataset(P, U, batch_size, seed=0, augment=True, steps_per_epoch=steps // 2),
-                      epochs=1, verbose=0)
+            half_batches = data.make_pu_dataset(P, U, batch_size, seed=0, augment=True, steps_per_epoch=steps // 2)
+            model.fit(iter(half_batches), steps_per_epoch=steps // 2, epochs=1, verbose=0, shuffle=False)
             timings["pipeline"].append((time.perf_counter() - start) / (steps // 2))
             start = time.perf_counter()
             half = steps // 2 * batch_size
@@ -273,6 +282,86 @@ def large_frame_run(args, folder):
 
 
 # ---------------------------------------------------------------------------
+# Archive runs: a folder through the command line against frames in memory
+# ---------------------------------------------------------------------------
+
+
+def _archive_folder(folder, count, size, unique=50):
+    """``count`` PNG frames of the generator in ``folder``: ``unique`` different ones, repeated under new names."""
+    import shutil
+
+    import data
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for k in range(count):
+        target = folder / f"frame_{k:04d}.png"
+        if k < unique:
+            Image.fromarray(data.synthetic_frame(size, seed=k)[0]).save(target)
+        else:
+            shutil.copyfile(folder / f"frame_{k % unique:04d}.png", target)
+    return folder
+
+
+def _cli_run(args, frames, out, *extra):
+    """segmentation.py on a folder in a child process: (wall seconds, frames, peak RSS MB)."""
+    command = [sys.executable, str(ROOT / "segmentation.py"), "--dataset", str(frames), "--model", str(args.model),
+               "--save_dir", str(out), "--quiet", *extra]
+    wrapper = ("import resource, subprocess, sys, time; start = time.perf_counter(); "
+               "code = subprocess.run(sys.argv[1:]).returncode; wall = time.perf_counter() - start; "
+               "print(code, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    completed = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=ROOT)
+    code, wall, peak_kb = completed.stdout.strip().splitlines()[-1].split()
+    if int(code) != 0:
+        raise RuntimeError(f"segmentation.py on {frames} failed:\n{completed.stderr[-3000:]}")
+    with open(Path(out) / "summary.csv", newline="") as handle:
+        count = sum(1 for row in csv.DictReader(handle) if row["file"] != "mean")
+    return float(wall), count, int(peak_kb) / 1024
+
+
+def worker_in_memory(args, started):
+    """The same frames decoded first, then prepared, segmented, refined and written one after another."""
+    import data
+
+    data.import_keras()
+    import segmentation
+
+    model, preprocessing = data.load_model(args.model)
+    frames = [next(data.read_frames(path)) for path in data.list_images(args.archive_frames)]
+    outputs = args.archive_outputs.split(",")
+    out = Path(args.archive_out)
+    patch_size = data.patch_size_of(model)
+    # Traces the forward pass and imports the refinement, outside the timing.
+    prepared = data.prepare_frame(frames[0].pixels, frames[0].full_scale, preprocessing)
+    p_aurora, mask, _ = segmentation.segment_frame(model, prepared, preprocessing, refine=False)
+    segmentation.finish_mask(prepared, p_aurora, mask, patch_size, preprocessing)
+    start = time.perf_counter()
+    for frame in frames:
+        prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing)
+        p_aurora, mask, _ = segmentation.segment_frame(model, prepared, preprocessing)
+        segmentation.write_outputs(out, frame.name, prepared.image, prepared.sky, p_aurora, mask, outputs)
+    return {"seconds": time.perf_counter() - start, "frames": len(frames), "max_rss_mb": _max_rss_mb()}
+
+
+def archive_runs(args, folder):
+    """Frames per second of folder runs against the same work on frames in memory; peak memory by folder size."""
+    results = {}
+    frames_200 = _archive_folder(Path(folder) / "frames_200", 200, args.size)
+    for label, outputs in (("all outputs", "mask,color_filter,overlay,figure"), ("masks only", "mask")):
+        wall, count, peak = _cli_run(args, frames_200, Path(folder) / f"cli_{len(results)}", "--outputs",
+                                     *outputs.split(","))
+        memory = run_worker(args, "in memory", ["--archive_frames", str(frames_200), "--archive_outputs", outputs,
+                                                "--archive_out", str(Path(folder) / f"memory_{len(results)}")])
+        results[label] = {"cli_fps": count / wall, "memory_fps": memory["frames"] / memory["seconds"],
+                          "cli_peak_mb": peak, "memory_peak_mb": memory["max_rss_mb"]}
+    for count in (50, 500):
+        frames = _archive_folder(Path(folder) / f"frames_{count}", count, args.size)
+        wall, done, peak = _cli_run(args, frames, Path(folder) / f"cli_{count}", "--outputs", "mask")
+        results[f"{count} frames, masks only"] = {"cli_fps": done / wall, "cli_peak_mb": peak}
+    return results
+
+
+# ---------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------
 
@@ -295,6 +384,14 @@ def main(argv=None):
                         help="also segment a 4096x4096 frame with segmentation.py and report its peak memory")
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the training input pipeline")
+    parser.add_argument("--archive", action=argparse.BooleanOptionalAction, default=False,
+                        help="folder runs of 200 frames against the same work in memory, and peak memory at 50 "
+                             "and 500 frames")
+    parser.add_argument("--only_archive", action=argparse.BooleanOptionalAction, default=False,
+                        help="measure the archive runs alone")
+    parser.add_argument("--archive_frames", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--archive_outputs", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--archive_out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--train_steps", type=int, default=300, help="timed training steps of the CNN")
     parser.add_argument("--train_steps_resnet", type=int, default=100, help="timed training steps of the ResNet18")
     parser.add_argument("--train_batchsize", type=int, default=64, help="training batch size (train.py's default)")
@@ -309,6 +406,8 @@ def main(argv=None):
             report = worker_seed(args, started)
         elif args.worker == "training":
             report = worker_training(args, started)
+        elif args.worker == "in memory":
+            report = worker_in_memory(args, started)
         else:
             report = worker_segment(args, started)
         print(json.dumps(report))
@@ -319,6 +418,11 @@ def main(argv=None):
     load = lambda: open("/proc/loadavg").read().split()[:3]  # noqa: E731
     print(f"model {args.model}, {args.frames} frames of {args.size}x{args.size}, "
           f"load average at start {' '.join(load())}", flush=True)
+    if args.only_archive:
+        with tempfile.TemporaryDirectory() as folder:
+            print_archive(archive_runs(args, folder), args)
+        print(f"load average at end {' '.join(load())}")
+        return 0
     with tempfile.TemporaryDirectory() as folder:
         reports, masks = {}, {}
         for method in METHODS:
@@ -330,6 +434,7 @@ def main(argv=None):
         print(f"  {SEED}: done", flush=True)
         large = large_frame_run(args, folder) if args.large else None
         training = run_worker(args, "training") if args.training else None
+        archive = archive_runs(args, folder) if args.archive else None
     end_load = load()
 
     seed_seconds = float(np.mean(reports[SEED]["seconds"]))
@@ -377,8 +482,22 @@ def main(argv=None):
     if large is not None:
         print(f"4096x4096: segmentation.py wall {large['wall_s']:.1f} s (start-up, segmentation and writing all "
               f"outputs); peak RSS of the child {large['max_rss_mb']:.0f} MB")
+    if archive is not None:
+        print_archive(archive, args)
     print(f"load average at end {' '.join(end_load)} (2-core machine shared with other jobs)")
     return 0
+
+
+def print_archive(results, args):
+    for label, result in results.items():
+        line = f"archive, {args.size}x{args.size}, {label}: segmentation.py on a folder {result['cli_fps']:.2f} frames/s"
+        if "memory_fps" in result:
+            line += (f", the same on frames in memory {result['memory_fps']:.2f} frames/s "
+                     f"({result['cli_fps'] / result['memory_fps']:.0%}); peak RSS {result['cli_peak_mb']:.0f} MB "
+                     f"(in memory, 200 frames held: {result['memory_peak_mb']:.0f} MB)")
+        else:
+            line += f"; peak RSS {result['cli_peak_mb']:.0f} MB"
+        print(line)
 
 
 if __name__ == "__main__":
