@@ -9,7 +9,7 @@ from PULoss import PNULoss, PULoss, pnu_loss, pu_loss, pu_risk, pu_zero_one_risk
 
 # ---------------------------------------------------------------- reference
 
-def l(z, loss):
+def ell(z, loss):
     return 1 / (1 + np.exp(z)) if loss == "sigmoid" else np.log1p(np.exp(-z))
 
 
@@ -17,9 +17,9 @@ def ref_parts(y, z, prior, loss):
     y, z = np.ravel(y).astype(float), np.ravel(z).astype(float)
     p, u = y == 1, y == -1
     n_p, n_u = max(1, p.sum()), max(1, u.sum())
-    rp_plus = l(z[p], loss).sum() / n_p
-    rp_minus = l(-z[p], loss).sum() / n_p
-    ru_minus = l(-z[u], loss).sum() / n_u
+    rp_plus = ell(z[p], loss).sum() / n_p
+    rp_minus = ell(-z[p], loss).sum() / n_p
+    ru_minus = ell(-z[u], loss).sum() / n_u
     return prior * rp_plus, ru_minus - prior * rp_minus
 
 
@@ -183,12 +183,15 @@ def ref_pnu(y, z, prior, eta, loss="sigmoid", beta=0.0, gamma=1.0, nnPU=True, gr
     objective whose gradient is back-propagated is returned instead.
     """
     y, z = np.ravel(y).astype(float), np.ravel(z).astype(float)
-    mean = lambda v, m: v[m].sum() / max(1, m.sum())
+
+    def mean(values, chosen):
+        return values[chosen].sum() / max(1, chosen.sum())
+
     p, n, u = y == 1, y == -1, y == 0
     tn = 1 - prior
-    pn = prior * mean(l(z, loss), p) + tn * mean(l(-z, loss), n)
-    pu_pos, pu_neg = prior * mean(l(z, loss), p), mean(l(-z, loss), u) - prior * mean(l(-z, loss), p)
-    nu_neg, nu_pos = tn * mean(l(-z, loss), n), mean(l(z, loss), u) - tn * mean(l(z, loss), n)
+    pn = prior * mean(ell(z, loss), p) + tn * mean(ell(-z, loss), n)
+    pu_pos, pu_neg = prior * mean(ell(z, loss), p), mean(ell(-z, loss), u) - prior * mean(ell(-z, loss), p)
+    nu_neg, nu_pos = tn * mean(ell(-z, loss), n), mean(ell(z, loss), u) - tn * mean(ell(z, loss), n)
     def nn(a, b):
         if nnPU and b < -beta:
             return -gamma * b if gradient else a - beta

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
 import segmentation
 from conftest import ROOT, write_png
 from test_segmentation import centre_model
