@@ -870,9 +870,10 @@ def build_parser():
     risk.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=True,
                       help="weigh background and aurora equally in the risk (Su et al. 2021), so that rare aurora "
                            "counts")
-    risk.add_argument("--loss", choices=["sigmoid", "logistic"], default="sigmoid",
-                      help="surrogate of the zero-one loss; the bounded sigmoid keeps the nnPU correction from "
-                           "running away (default: %(default)s)")
+    risk.add_argument("--loss", choices=["sigmoid", "logistic"], default="logistic",
+                      help="surrogate of the zero-one loss: the logistic loss keeps a gradient for patches on the "
+                           "wrong side, where the bounded sigmoid saturates and leaves them there "
+                           "(default: %(default)s)")
     risk.add_argument("--beta", type=float, default=0.0,
                       help="nnPU: correct when the negative risk falls below -beta (default: %(default)s)")
     risk.add_argument("--gamma", type=float, default=1.0,

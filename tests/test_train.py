@@ -72,7 +72,7 @@ def test_cli_writes_every_output(trained):
 def test_config_records_the_resolved_settings(trained, folders):
     config = json.loads((trained / "config.json").read_text())
     assert config["prior"] == config["prior_given"] == PRIOR
-    assert config["method"] == "nnPU" and config["balanced"] is True and config["loss"] == "sigmoid"
+    assert config["method"] == "nnPU" and config["balanced"] is True and config["loss"] == "logistic"
     assert config["model"] == "CNN"
     assert config["P_dataset"] == [str(folders / "P")]
     assert config["P_frames"] == 6 and config["U_frames"] == 8
@@ -130,7 +130,7 @@ def test_no_nnpu_selects_upu_and_no_balanced_the_plain_risk(folders, tmp_path):
     loss = train.make_loss(args, 0.4)
     assert type(loss).__name__ == "PULoss" and loss.nnPU is False and loss.balanced is False
     loss = train.make_loss(train.build_parser().parse_args(base_args(folders, tmp_path)), 0.4)
-    assert loss.nnPU is True and loss.balanced is True and loss.loss == "sigmoid" and loss.prior == 0.4
+    assert loss.nnPU is True and loss.balanced is True and loss.loss == "logistic" and loss.prior == 0.4
 
 
 def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
