@@ -18,13 +18,10 @@ The default mode is coarse to fine (``--stride 16 --adaptive --fine_stride
 the grid cells whose four corner logits are not all on the same side of the
 threshold (or one of them is within ``ADAPTIVE_MARGIN`` of it), down to stride
 2, and only the new patches inside those cells are evaluated. Away from the
-boundary of the mask the coarse interpolation stays. On the generator's
-480x480 aurora frames this evaluates under 2 % of the patches of
-``--stride 1``, 56 times faster than the seed's all-patches ``predict`` with
-the default 16-pixel model (119 times with 32-pixel patches), and its masks
-agree with the exact ones at IoU 0.99 (``--fine_stride 1`` evaluates every
-boundary pixel: IoU 0.997 with 1.9 times the patches); see "Speed" in the
-README and ``tests/benchmark_segmentation.py``. The price: a patch of aurora (or of
+boundary of the mask the coarse interpolation stays, so a frame costs a small
+fraction of the patches of ``--stride 1`` (``--fine_stride 1`` evaluates
+every boundary pixel); docs/measurements.md gives the speed and the agreement
+with the exact masks, measured by ``tests/benchmark_segmentation.py``. The price: a patch of aurora (or of
 background) that fits between the coarse nodes without changing the logit
 at any of them is not seen; use a smaller ``--stride`` for small frames or
 structures a few pixels wide. ``--no-adaptive`` interpolates the plain grid.
@@ -76,6 +73,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import os
 import sys
@@ -101,9 +99,9 @@ BACKGROUND_LOGIT = 20.0
 DEFAULT_STRIDE = 16
 
 # The grid refinement stops at this stride: near the boundary the logits are
-# interpolated over 2 pixels (1 = evaluated at every boundary pixel). On the
-# generator's frames stride 2 agreed with the exact masks at IoU 0.99 with
-# about half the patches of stride 1 (tests/benchmark_segmentation.py).
+# interpolated over 2 pixels (1 = evaluated at every boundary pixel): about
+# half the patches of 1, for masks that tests/benchmark_segmentation.py finds
+# nearly identical.
 DEFAULT_FINE_STRIDE = 2
 
 # Grid cells with a corner logit closer than this to the threshold's logit are
@@ -112,10 +110,9 @@ ADAPTIVE_MARGIN = 1.0
 
 # Mask refinement (``--refine``, ``refine_mask``). The values were chosen on
 # 24 generator frames from seeds 700_000 up, which neither the shipped
-# dataset, the tests nor tests/evaluate_quality.py use (mean IoU 0.886
-# unrefined, 0.943 refined); each of smoothing 0.7 to 1.5, dark fraction 0.1
-# to 0.5, edge weight 300 to 3000, and seed radii of 12- to 24-pixel patches
-# changed that by less than 0.01.
+# dataset, the tests nor tests/evaluate_quality.py use; the result changed
+# little over smoothing 0.7 to 1.5, dark fraction 0.1 to 0.5, edge weight
+# 300 to 3000, and seed radii of 12- to 24-pixel patches.
 # Gaussian smoothing before the random walker, in pixels: sensor noise and
 # single stars would otherwise make edges everywhere.
 REFINE_SMOOTHING = 1.0
@@ -603,9 +600,7 @@ def logit_map(model, image, stride=4, batch_size=256, sky=None, adaptive=False, 
     if sky is None:
         sky = np.ones((rows, cols), dtype=bool)
     windows = patch_windows(pad_frame(image, patch_size), patch_size)
-
-    def evaluate(centre_rows, centre_cols):
-        return logits_at(model, windows, centre_rows, centre_cols, batch_size)
+    evaluate = functools.partial(logits_at, model, windows, batch_size=batch_size)
 
     row_coordinates = grid_coordinates(rows, stride)
     col_coordinates = grid_coordinates(cols, stride)

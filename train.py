@@ -534,8 +534,8 @@ def decision_offset(u_logits, p_logits, prior):
     The balanced risk ranks patches well but puts its threshold where a
     patch is as likely under the aurora's distribution as under the
     background's, which on a night of rare aurora calls far more than the
-    ``1 - prior`` share aurora (measured: 29% of U and 23% of held-out P at
-    a prior of 0.96). Two thresholds are at hand: the logit below which the
+    ``1 - prior`` share aurora, and calls part of the held-out P aurora
+    too. Two thresholds are at hand: the logit below which the
     prior's share of U lies, and the one below which only ``FALSE_ALARM`` of
     the held-out P lies (P is background, so that one needs no prior: an
     underestimated prior cannot make the model call clear sky aurora). The

@@ -521,6 +521,14 @@ def test_main_is_deterministic_and_refuses_to_overwrite(tmp_path, capsys):
     assert len(list((first / "Unlabelled").iterdir())) == 1
 
 
+@pytest.mark.slow
+def test_the_shipped_dataset_regenerates_byte_for_byte(tmp_path):
+    # dataset/README.md promises it: `python data.py --out dataset --overwrite`.
+    assert data.main(["--out", str(tmp_path / "set")]) == 0
+    shipped = {path: content for path, content in file_bytes(ROOT / "dataset").items() if path.name != "README.md"}
+    assert file_bytes(tmp_path / "set") == shipped
+
+
 def test_write_dataset_prior(tmp_path):
     summary = data.write_dataset(tmp_path, n_positive=1, n_unlabelled=4, size=64, seed=0, aurora_fraction=0.0)
     assert summary["prior_sky"] == 1.0 and summary["prior_frame"] == 1.0
