@@ -1743,7 +1743,11 @@ def _finish_frame(args, save_dir, source, frame, prepared, p_aurora, mask, patch
 
 
 def segment_files(args, model, preprocessing, sources, masks, field_of_view, journal, skip, progress):
-    """Segment every frame of ``sources`` not in ``skip``; returns (rows, skipped messages, frames without a border).
+    """Segment every frame of ``sources`` not in ``skip``; returns (rows, skipped messages, frames to warn of).
+
+    The last is a dict of frame names: ``"borderless"`` (no fisheye border
+    found) and ``"other_scale"`` (a full scale, 8- or 16-bit, other than the
+    training frames', so scaled by it instead of by the camera's range).
 
     Reader threads read and prepare frames ahead of the model; writer
     threads refine masks and write outputs behind it; the main thread only
@@ -1763,7 +1767,8 @@ def segment_files(args, model, preprocessing, sources, masks, field_of_view, jou
                                 daemon=True) for _ in range(workers)]
     for reader in readers:
         reader.start()
-    rows, skipped, borderless, pending = [], [], [], []
+    rows, skipped, pending = [], [], []
+    warn = {"borderless": [], "other_scale": []}
     slots = threading.Semaphore(2 * workers)
     done_readers = 0
     with ThreadPoolExecutor(workers) as writers:
@@ -1777,7 +1782,7 @@ def segment_files(args, model, preprocessing, sources, masks, field_of_view, jou
                     continue
                 rows.append(row)
                 if not sky_found:
-                    borderless.append(row["name"])
+                    warn["borderless"].append(row["name"])
                 progress.update(1)
 
         while done_readers < len(readers):
@@ -1795,6 +1800,8 @@ def segment_files(args, model, preprocessing, sources, masks, field_of_view, jou
                 progress.refresh()
             else:
                 _, source, frame, prepared, seconds = item
+                if preprocessing.get("full_scale") not in (None, frame.full_scale):
+                    warn["other_scale"].append(frame.name)
                 started = time.perf_counter()
                 logits, patches = logit_map(model, prepared.model_input, stride=args.stride,
                                             batch_size=args.batchsize, sky=prepared.sky, adaptive=args.adaptive,
@@ -1809,7 +1816,7 @@ def segment_files(args, model, preprocessing, sources, masks, field_of_view, jou
                 pending.append(future)
             collect(block=False)
         collect(block=True)
-    return rows, skipped, borderless
+    return rows, skipped, warn
 
 
 # ---------------------------------------------------------------------------
@@ -1993,8 +2000,8 @@ def main(argv=None):
     started = time.perf_counter()
     progress = tqdm(total=len(sources), desc="segmenting", unit="frame", disable=args.quiet, file=sys.stderr)
     try:
-        rows, skipped, borderless = segment_files(args, model, preprocessing, sources, masks, field_of_view,
-                                                  journal, skip, progress)
+        rows, skipped, warn = segment_files(args, model, preprocessing, sources, masks, field_of_view,
+                                            journal, skip, progress)
     except OSError as error:
         return _error(f"cannot write outputs to {save_dir}: {error.strerror or error} "
                       f"({getattr(error, 'filename', '') or 'unknown file'}); free space and run again with --resume")
@@ -2022,9 +2029,15 @@ def main(argv=None):
               f"{np.mean([float(r['false_aurora']) for r in clear]):.2%} of their sky called aurora")
     if nights:
         print(f"night figures and keograms: {', '.join(nights)} in {save_dir / 'night'}")
-    if borderless:
-        print(f"{PROG}: warning: no fisheye border found in {len(borderless)} frame(s) (first: {borderless[0]}): "
-              f"their whole frame counts as sky; give the sky with --field_of_view", file=sys.stderr)
+    if warn["borderless"]:
+        print(f"{PROG}: warning: no fisheye border found in {len(warn['borderless'])} frame(s) "
+              f"(first: {warn['borderless'][0]}): their whole frame counts as sky; give the sky with --field_of_view",
+              file=sys.stderr)
+    if warn["other_scale"]:
+        print(f"{PROG}: warning: {len(warn['other_scale'])} frame(s) (first: {warn['other_scale'][0]}) have another "
+              f"bit depth than the model's training frames (full scale {preprocessing['full_scale']:g}): they are "
+              f"scaled by their own full scale, not the camera's range; train on frames of this camera",
+              file=sys.stderr)
     if skipped:
         for message in skipped:
             print(f"{PROG}: skipped {message}", file=sys.stderr)

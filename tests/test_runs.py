@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import segmentation
 from conftest import ROOT, write_png
 from test_segmentation import centre_model
@@ -91,6 +92,22 @@ def test_science_files_give_a_row_per_frame_with_its_time(tmp_path, model_file, 
     ]
     mask = np.asarray(Image.open(out / "mask" / "20140310_0600_gill_themis19_full_1.png")) > 0
     assert mask[8:11].all() and not mask[:8].any() and not mask[11:].any()
+
+
+@pytest.mark.parametrize("training_scale, warned", [(255.0, True), (65535.0, False)])
+def test_frames_of_another_bit_depth_than_the_training_frames_are_named(tmp_path, capsys, training_scale, warned):
+    model = tmp_path / "model.keras"
+    data.save_model(centre_model(), model, {"version": 1, "normalize": "none", "camera_range": [0.0, training_scale],
+                                            "full_scale": training_scale})
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "20140310_0600_gill_themis19_full.pgm.gz").write_bytes(gzip.compress(pgm_stack(
+        [band_frame(4), band_frame(8)], ["2014-03-10 06:00:00.063", "2014-03-10 06:00:03.063"])))
+    code, captured = run(capsys, "--dataset", folder, "--model", model, "--save_dir", tmp_path / "out", "--stride", 1,
+                         "--no-refine")
+    assert code == 0, captured.err
+    message = "2 frame(s) (first: 20140310_0600_gill_themis19_full_0) have another bit depth"
+    assert (message in captured.err) is warned, captured.err
 
 
 def test_rows_follow_time_not_file_names(tmp_path, model_file, capsys):
