@@ -490,10 +490,14 @@ def summarize(name, result):
         lines.append(runs_line("  anchor (excess > 4 sigma), held-out frames", [result["anchor"]]))
     elif name == "rare":
         for prior, entry in result.items():
+            if not isinstance(entry, dict):  # the set's "minutes"
+                continue
             lines.append(runs_line(f"rare aurora, true patch prior {entry['true_prior']:.3f}", entry["runs"]))
             lines.append(runs_line("  anchor", [entry["anchor"]]))
     elif name == "real_backgrounds":
         for camera, entry in result.items():
+            if not isinstance(entry, dict):
+                continue
             lines.append(runs_line(f"{camera}: real sky + generator aurora ({entry['P_frames']} P, {entry['U_frames']} U)",
                                    entry["runs"]))
             lines.append(runs_line("  anchor", [entry["anchor"]]))
