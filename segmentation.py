@@ -20,8 +20,8 @@ threshold (or one of them is within ``ADAPTIVE_MARGIN`` of it), down to stride
 2, and only the new patches inside those cells are evaluated. Away from the
 boundary of the mask the coarse interpolation stays, so a frame costs a small
 fraction of the patches of ``--stride 1`` (``--fine_stride 1`` evaluates
-every boundary pixel); docs/measurements.md gives the speed and the agreement
-with the exact masks, measured by ``tests/benchmark_segmentation.py``. The price: a patch of aurora (or of
+every boundary pixel); ``tests/benchmark_segmentation.py`` measures the speed
+and the agreement with the exact masks. The price: a patch of aurora (or of
 background) that fits between the coarse nodes without changing the logit
 at any of them is not seen; use a smaller ``--stride`` for small frames or
 structures a few pixels wide. ``--no-adaptive`` interpolates the plain grid.
