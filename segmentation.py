@@ -99,9 +99,9 @@ BACKGROUND_LOGIT = 20.0
 DEFAULT_STRIDE = 16
 
 # The grid refinement stops at this stride: near the boundary the logits are
-# interpolated over 2 pixels (1 = evaluated at every boundary pixel): about
-# half the patches of 1, for masks that tests/benchmark_segmentation.py finds
-# nearly identical.
+# interpolated over 2 pixels (1 = evaluated at every boundary pixel, at
+# about three times the patches); tests/benchmark_segmentation.py measures
+# how far each setting's masks are from the exact ones.
 DEFAULT_FINE_STRIDE = 2
 
 # Grid cells with a corner logit closer than this to the threshold's logit are
