@@ -263,22 +263,9 @@ def large_frame_run(args, folder):
     image, _ = data.synthetic_frame(4096, seed=0)
     Image.fromarray(image).save(frames / "large_4096.png")
     del image
-    command = [sys.executable, str(ROOT / "segmentation.py"), "--dataset", str(frames), "--model", str(args.model),
-               "--save_dir", str(Path(folder) / "large_out"), "--quiet"]
-    # A wrapper process whose only child is segmentation.py, so that its
-    # RUSAGE_CHILDREN peak is that run's alone.
-    wrapper = ("import resource, subprocess, sys, time; start = time.perf_counter(); "
-               "code = subprocess.run(sys.argv[1:]).returncode; wall = time.perf_counter() - start; "
-               "print(code, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    completed = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=ROOT)
-    # The last line is the wrapper's; segmentation.py's own lines come before it.
-    code, wall, peak_kb = completed.stdout.strip().splitlines()[-1].split()
-    if int(code) != 0:
-        raise RuntimeError(f"segmentation.py on the 4096x4096 frame failed:\n{completed.stderr[-3000:]}")
-    with open(Path(folder) / "large_out" / "summary.csv", newline="") as handle:
-        row = next(csv.DictReader(handle))
-    return {"wall_s": float(wall), "frame_s": float(row["seconds"]), "patches": int(row["patches"]),
-            "max_rss_mb": int(peak_kb) / 1024}
+    wall, rows, peak_mb = _cli_run(args, frames, Path(folder) / "large_out")
+    return {"wall_s": wall, "frame_s": float(rows[0]["seconds"]), "patches": int(rows[0]["patches"]),
+            "max_rss_mb": peak_mb}
 
 
 # ---------------------------------------------------------------------------
@@ -304,19 +291,22 @@ def _archive_folder(folder, count, size, unique=50):
 
 
 def _cli_run(args, frames, out, *extra):
-    """segmentation.py on a folder in a child process: (wall seconds, frames, peak RSS MB)."""
+    """segmentation.py on ``frames`` in a child process: (wall seconds, summary rows without the mean, peak RSS MB)."""
     command = [sys.executable, str(ROOT / "segmentation.py"), "--dataset", str(frames), "--model", str(args.model),
                "--save_dir", str(out), "--quiet", *extra]
+    # A wrapper process whose only child is segmentation.py, so that its
+    # RUSAGE_CHILDREN peak is that run's alone.
     wrapper = ("import resource, subprocess, sys, time; start = time.perf_counter(); "
                "code = subprocess.run(sys.argv[1:]).returncode; wall = time.perf_counter() - start; "
                "print(code, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     completed = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=ROOT)
+    # The last line is the wrapper's; segmentation.py's own lines come before it.
     code, wall, peak_kb = completed.stdout.strip().splitlines()[-1].split()
     if int(code) != 0:
         raise RuntimeError(f"segmentation.py on {frames} failed:\n{completed.stderr[-3000:]}")
     with open(Path(out) / "summary.csv", newline="") as handle:
-        count = sum(1 for row in csv.DictReader(handle) if row["file"] != "mean")
-    return float(wall), count, int(peak_kb) / 1024
+        rows = [row for row in csv.DictReader(handle) if row["file"] != "mean"]
+    return float(wall), rows, int(peak_kb) / 1024
 
 
 def worker_in_memory(args, started):
@@ -348,16 +338,16 @@ def archive_runs(args, folder):
     results = {}
     frames_200 = _archive_folder(Path(folder) / "frames_200", 200, args.size)
     for label, outputs in (("all outputs", "mask,color_filter,overlay,figure"), ("masks only", "mask")):
-        wall, count, peak = _cli_run(args, frames_200, Path(folder) / f"cli_{len(results)}", "--outputs",
-                                     *outputs.split(","))
+        wall, rows, peak = _cli_run(args, frames_200, Path(folder) / f"cli_{len(results)}", "--outputs",
+                                    *outputs.split(","))
         memory = run_worker(args, "in memory", ["--archive_frames", str(frames_200), "--archive_outputs", outputs,
                                                 "--archive_out", str(Path(folder) / f"memory_{len(results)}")])
-        results[label] = {"cli_fps": count / wall, "memory_fps": memory["frames"] / memory["seconds"],
+        results[label] = {"cli_fps": len(rows) / wall, "memory_fps": memory["frames"] / memory["seconds"],
                           "cli_peak_mb": peak, "memory_peak_mb": memory["max_rss_mb"]}
     for count in (50, 500):
         frames = _archive_folder(Path(folder) / f"frames_{count}", count, args.size)
-        wall, done, peak = _cli_run(args, frames, Path(folder) / f"cli_{count}", "--outputs", "mask")
-        results[f"{count} frames, masks only"] = {"cli_fps": done / wall, "cli_peak_mb": peak}
+        wall, rows, peak = _cli_run(args, frames, Path(folder) / f"cli_{count}", "--outputs", "mask")
+        results[f"{count} frames, masks only"] = {"cli_fps": len(rows) / wall, "cli_peak_mb": peak}
     return results
 
 
