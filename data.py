@@ -638,6 +638,12 @@ NORMALIZE_SOFTENING = 3.0
 NORMALIZATIONS = ("background", "none")
 
 
+def borderless_warning(names):
+    """The one-line warning for frames where ``sky_mask`` found no fisheye border (``names``: non-empty)."""
+    return (f"warning: no fisheye border found in {len(names)} frame(s) (first: {names[0]}): their whole frame "
+            f"counts as sky; give the sky with --field_of_view")
+
+
 def sky_mask(image, threshold=None, smoothing=5, min_border_fraction=0.005, min_sky_fraction=0.2):
     """Detect the sky (the fisheye circle) of an all-sky frame.
 

@@ -2030,9 +2030,7 @@ def main(argv=None):
     if nights:
         print(f"night figures and keograms: {', '.join(nights)} in {save_dir / 'night'}")
     if warn["borderless"]:
-        print(f"{PROG}: warning: no fisheye border found in {len(warn['borderless'])} frame(s) "
-              f"(first: {warn['borderless'][0]}): their whole frame counts as sky; give the sky with --field_of_view",
-              file=sys.stderr)
+        print(f"{PROG}: {data.borderless_warning(warn['borderless'])}", file=sys.stderr)
     if warn["other_scale"]:
         print(f"{PROG}: warning: {len(warn['other_scale'])} frame(s) (first: {warn['other_scale'][0]}) have another "
               f"bit depth than the model's training frames (full scale {preprocessing['full_scale']:g}): they are "

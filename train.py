@@ -986,8 +986,7 @@ def main(argv=None):
               f"{config['prior']:.3f} says {1 - config['prior']:.1%} are")
     skyless = config["frames_without_border"]["P"] + config["frames_without_border"]["U"]
     if skyless:
-        print(f"train.py: warning: no fisheye border found in {len(skyless)} frame(s) (first: {skyless[0]}): their "
-              f"whole frame counts as sky; give the sky with --field_of_view", file=sys.stderr)
+        print(f"train.py: {data.borderless_warning(skyless)}", file=sys.stderr)
     if config["U_frames_unlike_P"]:
         names = config["U_frames_unlike_P"]
         print(f"train.py: warning: {len(names)} U frame(s) have a sky unlike every P frame ({', '.join(names[:5])}"

@@ -108,6 +108,8 @@ def test_frames_of_another_bit_depth_than_the_training_frames_are_named(tmp_path
     assert code == 0, captured.err
     message = "2 frame(s) (first: 20140310_0600_gill_themis19_full_0) have another bit depth"
     assert (message in captured.err) is warned, captured.err
+    # The band frames have no fisheye circle, which is said too, once.
+    assert captured.err.count("warning: no fisheye border found in 2 frame(s)") == 1, captured.err
 
 
 def test_rows_follow_time_not_file_names(tmp_path, model_file, capsys):
