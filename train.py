@@ -491,7 +491,7 @@ def fit_model(args, prior, P_train, U_train, N_train, P_val, U_val, seed, backup
 
 
 def collapse(prior, u_aurora, p_aurora, n_u):
-    """Why a trained model is useless, or None: it calls (almost) no U patch aurora, or (almost) all.
+    """Why a trained model is useless, or None: it finds (almost) no aurora, or calls (almost) everything aurora.
 
     Parameters
     ----------
@@ -501,23 +501,28 @@ def collapse(prior, u_aurora, p_aurora, n_u):
         Fraction of the U patches (all of them, for power at priors near 1)
         the model calls aurora.
     p_aurora : float
-        Fraction of held-out P patches it calls aurora.
+        Fraction of held-out P patches (clear sky) it calls aurora.
     n_u : int
         U patches counted.
 
     Notes
     -----
-    A model that finds less than a tenth of the aurora the prior announces,
-    when that tenth is at least 5 patches, has collapsed to "background
-    everywhere"; one that calls more than half of the held-out P, or
-    nearly all of U, aurora has collapsed to "aurora everywhere". Empty masks
-    on a night without aurora are fine, but then the prior would have said so
-    (``resolve_prior``).
+    U holds a share ``prior`` of background and ``1 - prior`` of aurora, so
+    ``u_aurora - prior * p_aurora`` is ``1 - prior`` times the share of the
+    aurora the model finds. When that share is under a tenth (and a tenth
+    of U's aurora is at least 5 patches, so that the check has power), the
+    model has collapsed to "no aurora anywhere": it calls U aurora no more
+    often than clear sky. One that calls more than half of the held-out P,
+    or nearly all of U, aurora has collapsed to "aurora everywhere". Empty
+    masks on a night without aurora are fine, but then the prior would have
+    said so (``resolve_prior``).
     """
     expected = 1.0 - prior
-    if 0.1 * expected * n_u >= 5 and u_aurora < 0.1 * expected:
-        return (f"the model calls {u_aurora:.2%} of the U patches aurora where the prior {prior:.3f} says "
-                f"{expected:.2%} are: it has collapsed to 'no aurora anywhere'")
+    found = (u_aurora - prior * p_aurora) / expected
+    if 0.1 * expected * n_u >= 5 and found < 0.1:
+        return (f"the model calls {u_aurora:.2%} of the U patches and {p_aurora:.2%} of the held-out P patches "
+                f"aurora where the prior {prior:.3f} says {expected:.2%} of U is: it has collapsed to "
+                f"'no aurora anywhere'")
     if p_aurora > 0.5 or u_aurora > 1.0 - 0.1 * prior:
         return (f"the model calls {p_aurora:.0%} of the held-out P patches and {u_aurora:.0%} of the U patches "
                 f"aurora: it has collapsed to 'aurora everywhere'")
@@ -647,14 +652,14 @@ def train(args):
                                    backup)
         u_logits = data.predict_logits(model, U.patches)
         p_val_logits = data.predict_logits(model, P.patches[p_val]) if len(p_val) else np.zeros(0)
-        failure = collapse(prior, float(np.mean(u_logits < 0)), float(np.mean(p_val_logits < 0)) if len(p_val)
-                           else 0.0, len(U.patches))
-        offset = 0.0
-        if failure is None and N is None:
-            offset = decision_offset(u_logits, p_val_logits, prior)
-            u_logits, p_val_logits = u_logits - offset, p_val_logits - offset
-            failure = collapse(prior, float(np.mean(u_logits < 0)), 0.0, len(U.patches))
+        # Judged where the saved model will decide: the balanced risk's own
+        # threshold calls about half of everything aurora when aurora is
+        # rare and P and U look alike, even when the model ranks them well.
+        offset = decision_offset(u_logits, p_val_logits, prior) if N is None else 0.0
+        u_logits, p_val_logits = u_logits - offset, p_val_logits - offset
         u_aurora = float(np.mean(u_logits < 0))
+        failure = collapse(prior, u_aurora, float(np.mean(p_val_logits < 0)) if len(p_val) else 0.0,
+                           len(U.patches))
         attempts.append({"seed": seed, "U_fraction_aurora": u_aurora, "decision_offset": offset,
                          "heldout_P_fraction_aurora": float(np.mean(p_val_logits < 0)) if len(p_val) else None,
                          "collapsed": failure})

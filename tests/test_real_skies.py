@@ -17,6 +17,8 @@ def test_collapse_names_each_trivial_model_and_passes_a_useful_one():
     assert "no aurora anywhere" in train.collapse(0.95, u_aurora=0.001, p_aurora=0.0, n_u=4000)
     assert "aurora everywhere" in train.collapse(0.95, u_aurora=0.99, p_aurora=0.9, n_u=4000)
     assert train.collapse(0.95, u_aurora=0.05, p_aurora=0.01, n_u=4000) is None
+    # Calling U aurora no more often than clear sky is finding no aurora.
+    assert "no aurora anywhere" in train.collapse(0.95, u_aurora=0.03, p_aurora=0.03, n_u=4000)
     # At a prior of 0.99, 400 U patches hold about 4 aurora patches: too few to call the model collapsed.
     assert train.collapse(0.99, u_aurora=0.0, p_aurora=0.0, n_u=400) is None
     assert "no aurora anywhere" in train.collapse(0.99, u_aurora=0.0, p_aurora=0.0, n_u=8000)
