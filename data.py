@@ -27,6 +27,7 @@ import datetime
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -2385,12 +2386,37 @@ def _stamp_text(frame, rng, r):
     return frame * (1 - text) + text
 
 
-# ------------------------------------------------------------ the shipped dataset
+# ------------------------------------------------------------ writing files
 
-def _save_png(path, array):
+def write_atomically(path, write):
+    """Write a file through ``write(handle)`` under a temporary name, then rename it into place.
+
+    A run killed at any moment (even with SIGKILL) leaves either the whole
+    file or none, never a file that looks complete but is not.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def save_png(path, array, optimize=False):
+    """Save a uint8 array (rows, cols) or (rows, cols, 3) as a PNG, atomically (``write_atomically``).
+
+    ``optimize`` compresses harder (slower): the shipped dataset uses it.
+    """
     from PIL import Image
 
-    Image.fromarray(array).save(path, optimize=True)
+    write_atomically(path, lambda handle: Image.fromarray(array).save(handle, format="png", optimize=optimize))
+
+
+# ------------------------------------------------------------ the shipped dataset
+
 
 
 def write_dataset(root, n_positive=40, n_unlabelled=40, size=256, seed=0, aurora_fraction=0.75, overwrite=False):
@@ -2462,7 +2488,7 @@ def write_dataset(root, n_positive=40, n_unlabelled=40, size=256, seed=0, aurora
         # Whole frames, not crops of clear sky: P must show the horizon and the
         # black border as often as U does, or PU learning calls them aurora.
         name = f"sky_{index:03d}.png"
-        _save_png(folders["Positive"] / name, image)
+        save_png(folders["Positive"] / name, image, optimize=True)
         rows.append(dict(file=f"Positive/{name}", **settings, aurora_pixels=0.0))
 
     with_aurora = np.zeros(n_unlabelled, bool)
@@ -2475,8 +2501,8 @@ def write_dataset(root, n_positive=40, n_unlabelled=40, size=256, seed=0, aurora
     for index in range(n_unlabelled):
         image, mask, settings = draw(aurora=bool(with_aurora[index]))
         name = f"frame_{index:03d}.png"
-        _save_png(folders["Unlabelled"] / name, image)
-        _save_png(folders["masks"] / name, (mask * 255).astype(np.uint8))
+        save_png(folders["Unlabelled"] / name, image, optimize=True)
+        save_png(folders["masks"] / name, (mask * 255).astype(np.uint8), optimize=True)
         background_in_sky += int((sky & ~mask).sum())
         background_in_frame += int((~mask).sum())
         rows.append(dict(file=f"Unlabelled/{name}", **settings, aurora_pixels=round(float(mask[sky].mean()), 4)))

@@ -1178,7 +1178,7 @@ def write_night(save_dir, name, night, slices):
     fraction = np.array([float(row["aurora_fraction"]) for row in night])
     folder = Path(save_dir) / "night"
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / f"{name}_keogram.npz", lambda handle: np.savez_compressed(
+    data.write_atomically(folder / f"{name}_keogram.npz", lambda handle: np.savez_compressed(
         handle, time=times.astype(str), seconds=times.astype("datetime64[ms]").astype(np.int64) / 1000.0,
         p_aurora=keogram[0], mask=keogram[1], aurora_fraction=fraction,
         name=np.array([row["name"] for row in night])))
@@ -1199,7 +1199,7 @@ def write_night(save_dir, name, night, slices):
         axes.set_ylim(length, 0)
         axes.set_ylabel(f"keogram of {label}\n(north at top)")
     mask_axes.set_xlabel("time (UT)")
-    _atomic(folder / f"{name}.png", lambda handle: figure.savefig(handle, dpi=100, format="png"))
+    data.write_atomically(folder / f"{name}.png", lambda handle: figure.savefig(handle, dpi=100, format="png"))
 
 
 # ---------------------------------------------------------------------------
@@ -1209,29 +1209,6 @@ def write_night(save_dir, name, night, slices):
 OUTPUT_KINDS = ("mask", "probability", "color_filter", "overlay", "figure")
 DEFAULT_OUTPUTS = ("mask", "color_filter", "overlay", "figure")
 OUTPUT_SUFFIX = {"probability": ".npy"}
-
-
-def _atomic(path, write):
-    """Write a file through ``write(handle)`` under a temporary name, then rename it into place.
-
-    A run killed at any moment (even with SIGKILL) leaves either the whole
-    file or none, never a file that looks complete but is not.
-    """
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with open(partial, "wb") as handle:
-            write(handle)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-def _save_png(path, array):
-    from PIL import Image
-
-    _atomic(path, lambda handle: Image.fromarray(array).save(handle, format="png"))
 
 
 def output_path(save_dir, kind, name):
@@ -1263,17 +1240,17 @@ def write_outputs(save_dir, name, image, sky, p_aurora, mask, outputs=DEFAULT_OU
     for kind in outputs:
         output_path(save_dir, kind, name).parent.mkdir(parents=True, exist_ok=True)
     if "mask" in outputs:
-        _save_png(output_path(save_dir, "mask", name), np.where(mask, 255, 0).astype(np.uint8))
+        data.save_png(output_path(save_dir, "mask", name), np.where(mask, 255, 0).astype(np.uint8))
     if "probability" in outputs:
-        _atomic(output_path(save_dir, "probability", name), lambda handle: np.save(handle, p_aurora.astype(np.float32)))
+        data.write_atomically(output_path(save_dir, "probability", name), lambda handle: np.save(handle, p_aurora.astype(np.float32)))
     if "color_filter" in outputs:
-        _save_png(output_path(save_dir, "color_filter", name), color_filter(p_aurora))
+        data.save_png(output_path(save_dir, "color_filter", name), color_filter(p_aurora))
     if "overlay" in outputs or "figure" in outputs:
         shown = display_image(image, sky)
         if "overlay" in outputs:
-            _save_png(output_path(save_dir, "overlay", name), overlay(shown, mask))
+            data.save_png(output_path(save_dir, "overlay", name), overlay(shown, mask))
         if "figure" in outputs:
-            _atomic(output_path(save_dir, "figure", name),
+            data.write_atomically(output_path(save_dir, "figure", name),
                     lambda handle: save_figure(handle, shown, p_aurora, mask, title=title or name))
 
 
@@ -1614,7 +1591,7 @@ def write_summary(path, rows, columns):
             writer.writerow({"file": "mean", **{column: mean(column) for column in numeric}})
         handle.write(text.getvalue().encode())
 
-    _atomic(path, write)
+    data.write_atomically(path, write)
 
 
 def finish_run(save_dir, rows, columns, summary_path, camera):
@@ -1726,7 +1703,7 @@ def _finish_frame(args, save_dir, source, frame, prepared, p_aurora, mask, patch
     slice_path = Path(save_dir) / ".keogram" / f"{frame.name}.npy"
     slice_path.parent.mkdir(parents=True, exist_ok=True)
     line = np.stack([keogram_line(p_aurora, sky, args.north), keogram_line(mask, sky, args.north)])
-    _atomic(slice_path, lambda handle: np.save(handle, line.astype(np.float16)))
+    data.write_atomically(slice_path, lambda handle: np.save(handle, line.astype(np.float16)))
     row = {"file": source.file, "frame": "" if frame.index is None else frame.index, "name": frame.name,
            "time": format_time(when), "rows": mask.shape[0], "cols": mask.shape[1],
            "aurora_fraction": float(mask[sky].mean()) if sky.any() else 0.0,
@@ -1989,7 +1966,7 @@ def main(argv=None):
         if args.resume:
             earlier = read_journal(files["journal"], journal_columns)
             skip = {row["name"] for row in earlier}
-        _atomic(files["settings"], lambda handle: handle.write(json.dumps(
+        data.write_atomically(files["settings"], lambda handle: handle.write(json.dumps(
             {"settings": settings, "shard": list(args.shard) if args.shard else None,
              "preprocessing": preprocessing}, indent=2).encode()))
         files["summary"].unlink(missing_ok=True)

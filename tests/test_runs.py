@@ -232,7 +232,7 @@ def test_resume_after_a_crash_at_any_point_ends_as_an_uninterrupted_run(tmp_path
 
     def crash_in_outputs(save_dir, name, *rest, **keywords):
         if name == "frame_2":  # after the mask of frame 2, before its figure
-            segmentation._save_png(segmentation.output_path(save_dir, "mask", name), np.zeros((2, 2), np.uint8))
+            data.save_png(segmentation.output_path(save_dir, "mask", name), np.zeros((2, 2), np.uint8))
             raise KeyboardInterrupt
         return original_outputs(save_dir, name, *rest, **keywords)
 
