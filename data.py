@@ -617,7 +617,7 @@ def list_images(folder, recursive=False):
 # prepares frames exactly as training did. Models saved before this existed
 # have none and get LEGACY_PREPROCESSING: frames divided by their full scale,
 # no normalization.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 LEGACY_PREPROCESSING = {"version": 0, "normalize": "none", "camera_range": None, "full_scale": None}
 
 # Background normalization (``normalize_frame``). The sky's background is the
@@ -632,6 +632,13 @@ BACKGROUND_SCALE = 0.5
 BACKGROUND_QUANTILE = 25
 # The background grid has about this many blocks across the sky.
 BACKGROUND_BLOCKS = 48
+# ``train.py --background_sectors N`` takes the outer part of the sky's
+# radial profile per azimuth sector, N around the sky: the glow of a town,
+# of the moon low in the sky or of twilight brightens one side of the
+# horizon, and changes faster with elevation than the background grid
+# follows. 0, the default, is one profile all round, as in models saved
+# with preprocessing version 1. This many is the value to try first.
+BACKGROUND_SECTORS = 12
 # Excess over the background in units of the pixel noise is compressed by
 # asinh(excess / NORMALIZE_SOFTENING): linear up to a few noise levels,
 # logarithmic for bright aurora, stars and the moon.
@@ -825,7 +832,8 @@ def estimate_camera_range(samples, full_scale):
     return low, high
 
 
-def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANTILE, blocks=BACKGROUND_BLOCKS):
+def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANTILE, blocks=BACKGROUND_BLOCKS,
+                   sectors=0):
     """The sky's smooth background brightness, without stars or aurora.
 
     Parameters
@@ -839,6 +847,9 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
         Percentile of each block's sky pixels, in (0, 100).
     blocks : int
         Blocks of the coarse grid across the sky's diameter.
+    sectors : int
+        Azimuth sectors of the outer profile (``BACKGROUND_SECTORS``); 0 =
+        one profile all round.
 
     Returns
     -------
@@ -851,7 +862,9 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     Vignetting, the airglow ring and the glow of the horizon are (nearly)
     the same all round and change fast toward the rim, faster than any
     window over the sky could follow; aurora covers a small part of an
-    outer ring. Then, on the frame minus that
+    outer ring. With ``sectors``, what the outer half of the sky keeps above
+    that profile is taken again per azimuth sector (``_sector_profile``):
+    glow on one side of the horizon. Then, on the frame minus that
     profile, the rest: the sky is cut into square blocks (``blocks`` across
     its diameter), each summarised by the ``quantile`` percentile of its sky
     pixels (blocks with less than a quarter sky are left out); the block
@@ -878,6 +891,8 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     per_block = cell // step
     masked, values = sky[::step, ::step], image[::step, ::step]
     profile = _radial_profile(values, masked, centre, step, diameter / 2, blocks, quantile)
+    if sectors:
+        profile = _sector_profile(profile, values, masked, centre, step, diameter / 2, blocks // 2, quantile, sectors)
     values = values - profile(*np.ogrid[:masked.shape[0], :masked.shape[1]], step=step)
     padding = ((0, grid_rows * per_block - masked.shape[0]), (0, grid_cols * per_block - masked.shape[1]))
     masked = np.pad(masked, padding).reshape(grid_rows, per_block, grid_cols, per_block).transpose(0, 2, 1, 3)
@@ -954,6 +969,51 @@ def _radial_profile(values, masked, centre, step, radius, rings, quantile):
         return table[np.minimum(np.rint(at).astype(np.intp), reach - 1)]
 
     return profile
+
+
+def _sector_profile(profile, values, masked, centre, step, radius, rings, quantile, sectors):
+    """``profile`` plus what the outer sky keeps above it, per ring and azimuth sector: a function like it.
+
+    The ``quantile`` percentile of ``values - profile`` in each cell of
+    ``rings`` rings by ``sectors`` sectors, the median of each cell and its
+    8 neighbours (sectors wrap around), weighted from 0 at half the radius
+    to 1 at three quarters, where the zenith's sky is left to the grid
+    (``sky_background``). Between sector centres the levels are
+    interpolated linearly in azimuth.
+    """
+    sample_rows, sample_cols = np.ogrid[:masked.shape[0], :masked.shape[1]]
+    down, across = sample_rows * step - centre[0], sample_cols * step - centre[1]
+    ring = np.minimum((np.hypot(down, across) / max(radius, 1.0) * rings).astype(np.intp), rings)
+    sector = ((np.arctan2(down, across) + np.pi) / (2 * np.pi) * sectors).astype(np.intp) % sectors
+    cell = (ring * sectors + sector)[masked]
+    excess = (values - profile(sample_rows, sample_cols, step=step))[masked]
+    order = np.argsort(cell, kind="stable")
+    cell, excess = cell[order], excess[order]
+    cells = (rings + 1) * sectors
+    bounds = np.searchsorted(cell, np.arange(cells + 1))
+    levels = np.zeros((cells, values.shape[2]), np.float32)
+    for k in range(cells):
+        inside = excess[bounds[k]:bounds[k + 1]]
+        if len(inside) >= 8:
+            levels[k] = np.percentile(inside, quantile, axis=0)
+    levels = levels.reshape(rings + 1, sectors, -1)
+    ring_index = np.arange(rings + 1)
+    neighbours = [levels[np.clip(ring_index + dr, 0, rings)][:, (np.arange(sectors) + ds) % sectors]
+                  for dr in (-1, 0, 1) for ds in (-1, 0, 1)]
+    levels = np.median(np.stack(neighbours), axis=0)
+    radii = (ring_index + 0.5) / rings
+    levels *= np.clip((radii - 0.5) / 0.25, 0, 1)[:, None, None].astype(np.float32)
+
+    def sector_profile(rows, cols, step=1):
+        down, across = np.float32(rows * step - centre[0]), np.float32(cols * step - centre[1])
+        at = np.clip(np.rint(np.hypot(down, across) / max(radius, 1.0) * rings - 0.5), 0, rings).astype(np.intp)
+        position = (np.arctan2(down, across) + np.float32(np.pi)) / np.float32(2 * np.pi) * sectors - 0.5
+        lower = np.floor(position).astype(np.intp)
+        weight = (position - lower)[..., None]
+        extra = levels[at, lower % sectors] * (1 - weight) + levels[at, (lower + 1) % sectors] * weight
+        return profile(rows, cols, step=step) + extra
+
+    return sector_profile
 
 
 def ndimage_median3(levels):
@@ -1040,7 +1100,7 @@ def pixel_noise(image, sky, floor, background=None):
     return first if refined is None else refined
 
 
-def normalize_frame(image, sky, quantum, method="background"):
+def normalize_frame(image, sky, quantum, method="background", sectors=0):
     """What the model sees of a frame: excess over the sky's background in units of the pixel noise.
 
     Parameters
@@ -1055,6 +1115,9 @@ def normalize_frame(image, sky, quantum, method="background"):
         ``"none"`` returns ``image`` unchanged: for training images that are
         patches themselves and have no sky around them to estimate a
         background from.
+    sectors : int
+        ``sky_background``'s azimuth sectors (the model's
+        ``background_sectors``; 0 for models saved before them).
 
     Returns
     -------
@@ -1074,7 +1137,7 @@ def normalize_frame(image, sky, quantum, method="background"):
         return image
     if method != "background":
         raise ValueError(f"Invalid method: expected one of {NORMALIZATIONS}, received {method!r}")
-    background = sky_background(image, sky)
+    background = sky_background(image, sky, sectors=sectors)
     noise = pixel_noise(image, sky, 0.5 * quantum, background)
     normalized = background  # reused in place: one full-size temporary, not three
     np.subtract(image, background, out=normalized)
@@ -1139,7 +1202,8 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
         sky = sky_mask(image)
         found = not sky.all()
     quantum = 1.0 / (high - low)
-    model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"))
+    model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"),
+                                  preprocessing.get("background_sectors", 0))
     return Prepared(image, model_input, sky, found, quantum)
 
 

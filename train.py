@@ -170,8 +170,12 @@ def resolve_preprocessing(args, paths):
     normalize = args.normalize
     if normalize == "auto":
         normalize = "background" if survey["min_side"] >= 4 * args.patch_size else "none"
+    if args.background_sectors and normalize != "background":
+        raise data.UsageError("--background_sectors needs the background normalization (whole frames, "
+                              f"--normalize background); these frames are prepared with '{normalize}'")
     return {"version": data.PREPROCESSING_VERSION, "normalize": normalize, "full_scale": survey["full_scale"],
-            "camera_range": survey["camera_range"], "patch_size": args.patch_size}
+            "camera_range": survey["camera_range"], "patch_size": args.patch_size,
+            "background_sectors": args.background_sectors if normalize == "background" else 0}
 
 
 def load_patch_sets(args, preprocessing, rng):
@@ -833,6 +837,10 @@ def build_parser():
                              "(degrees); default: the fisheye circle of each frame")
     frames.add_argument("--min_elevation", type=float, default=None, metavar="DEGREES",
                         help="with an elevation map: leave out the sky below this elevation")
+    frames.add_argument("--background_sectors", type=data.nonnegative_int, default=0, metavar="N",
+                        help="take the outer sky's background per azimuth sector, N around the sky, for glow on one "
+                             f"side of the horizon (try {data.BACKGROUND_SECTORS}; default: %(default)s, one profile all "
+                             "round)")
     frames.add_argument("--normalize", choices=["auto", *data.NORMALIZATIONS], default="auto",
                         help="what the model sees: 'background' = each frame's excess over its sky's background in "
                              "noise units, 'none' = the frame itself; auto: background for whole frames, none for "

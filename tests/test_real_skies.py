@@ -9,6 +9,7 @@ from PIL import Image
 import data
 import segmentation
 import train
+from conftest import ROOT
 
 
 # ------------------------------------------------------------ the checks, by hand
@@ -148,3 +149,46 @@ def test_16_bit_frames_train_and_segment_with_the_same_stored_scale(tmp_path):
     assert image.max() > 0.5  # scaled by the camera's range, not left near black by 1/65535
     # An 8-bit frame through the same model keeps its own 0-255 scale.
     assert data.frame_range(255.0, stored) == (0.0, 255.0)
+
+
+# ------------------------------------------------------------ glow on one side of the horizon
+
+def outer_sky(sky, fraction=0.6):
+    """The sky beyond ``fraction`` of its radius from its centre."""
+    rows, cols = np.nonzero(sky)
+    centre = ((rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2)
+    radius = (rows.max() - rows.min()) / 2
+    down, across = np.ogrid[:sky.shape[0], :sky.shape[1]]
+    return sky & (np.hypot(down - centre[0], across - centre[1]) > fraction * radius)
+
+
+def test_twilight_on_one_side_leaves_the_model_input_and_the_aurora_stays():
+    image, aurora = data.synthetic_frame(256, seed=18, aurora=True, twilight=3.0)
+    image = image.astype(np.float32) / 255
+    sky = data.sky_mask(image)
+    clear = outer_sky(sky) & ~aurora
+    one_profile = data.normalize_frame(image, sky, 1 / 255).max(axis=2)
+    by_sector = data.normalize_frame(image, sky, 1 / 255, sectors=data.BACKGROUND_SECTORS).max(axis=2)
+    # Excess of more than 1.5 (asinh units: about 6 noise levels) on clear sky near the horizon.
+    assert np.mean(by_sector[clear] > 1.5) < 0.5 * np.mean(one_profile[clear] > 1.5)
+    assert by_sector[aurora].mean() > 0.9 * one_profile[aurora].mean()
+
+
+def test_models_saved_before_the_sectors_prepare_frames_as_they_were_trained():
+    image, _ = data.synthetic_frame(128, seed=18, aurora=True, twilight=3.0)
+    version_1 = {"version": 1, "normalize": "background", "camera_range": [0.0, 255.0], "full_scale": 255.0}
+    prepared = data.prepare_frame(image.astype(np.float32), 255.0, version_1)
+    expected = data.normalize_frame(prepared.image, prepared.sky, prepared.quantum, sectors=0)
+    np.testing.assert_array_equal(prepared.model_input, expected)
+    current = data.prepare_frame(image.astype(np.float32), 255.0, {**version_1, "version": 2,
+                                                                   "background_sectors": data.BACKGROUND_SECTORS})
+    assert not np.array_equal(current.model_input, expected)
+
+
+def test_background_sectors_are_stored_with_the_model_and_default_to_one_profile():
+    paths = sorted((ROOT / "dataset" / "Positive").glob("*.png"))[:3]
+    flags = ["--P_dataset", "P", "--U_dataset", "U"]
+    default = train.resolve_preprocessing(train.build_parser().parse_args(flags), paths)
+    chosen = train.resolve_preprocessing(train.build_parser().parse_args([*flags, "--background_sectors", "12"]), paths)
+    assert default["normalize"] == chosen["normalize"] == "background"
+    assert default["background_sectors"] == 0 and chosen["background_sectors"] == 12
