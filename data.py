@@ -1424,9 +1424,11 @@ def predict_logits(model, patches, batch_size=256):
     import keras
 
     forward = _forward_pass(model)
-    # Compiled backends (JAX) compile once per batch shape: a short batch is
-    # padded to the next power of two, so that few shapes ever occur.
-    pad = keras.backend.backend() == "jax"
+    # JAX compiles once per batch shape, and TensorFlow's CPU kernels keep a
+    # cache entry per shape (memory grew with every new batch size: a long
+    # archive run met hundreds of them). A short batch is padded to the next
+    # power of two, so that few shapes ever occur.
+    pad = keras.backend.backend() in ("jax", "tensorflow")
     logits = np.empty(len(patches), dtype=np.float32)
     for start in range(0, len(patches), batch_size):
         batch = np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)

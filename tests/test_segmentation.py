@@ -790,3 +790,14 @@ def test_cli_help_returns_0_and_shows_defaults(capsys):
                  "--save_probability", "--overwrite", "--quiet", "--adaptive", "--fine_stride", "--refine"):
         assert flag in help_text
     assert re.search(r"\(default:\s+16\)", help_text) and "--no-adaptive" in help_text and "--no-refine" in help_text
+
+
+def test_predict_logits_pads_short_batches_without_changing_a_logit():
+    import train
+
+    model = train.build_cnn(8)
+    patches = np.random.default_rng(0).random((37, 8, 8, 3)).astype("float32")
+    direct = keras.ops.convert_to_numpy(model(patches, training=False)).reshape(-1)
+    # 37 = 32 + 5 with batches of 32: the last batch of 5 is padded to 8 and cut back.
+    np.testing.assert_allclose(data.predict_logits(model, patches, batch_size=32), direct, atol=1e-5)
+    np.testing.assert_allclose(data.predict_logits(model, patches[:1]), direct[:1], atol=1e-5)
