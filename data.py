@@ -936,15 +936,7 @@ def _radial_profile(values, masked, centre, step, radius, rings, quantile):
     sample_rows, sample_cols = np.ogrid[:masked.shape[0], :masked.shape[1]]
     distance = np.hypot(sample_rows * step - centre[0], sample_cols * step - centre[1])
     ring = np.minimum((distance / max(radius, 1.0) * rings).astype(np.intp), rings)[masked]
-    sky_values = values[masked]
-    order = np.argsort(ring, kind="stable")
-    ring, sky_values = ring[order], sky_values[order]
-    bounds = np.searchsorted(ring, np.arange(rings + 2))
-    levels = np.full((rings + 1, values.shape[2]), np.nan, np.float32)
-    for k in range(rings + 1):
-        inside = sky_values[bounds[k]:bounds[k + 1]]
-        if len(inside) >= 8:
-            levels[k] = np.percentile(inside, quantile, axis=0)
+    levels = _percentile_by_group(ring, values[masked], rings + 1, quantile)
     known = np.isfinite(levels[:, 0])
     radii = (np.arange(rings + 1) + 0.5) * radius / rings
     if not known.any():
@@ -971,6 +963,23 @@ def _radial_profile(values, masked, centre, step, radius, rings, quantile):
     return profile
 
 
+def _percentile_by_group(group, values, groups, quantile, min_count=8):
+    """The ``quantile`` percentile of ``values`` (n, channels) in each group 0 .. ``groups`` - 1 of ``group`` (n,).
+
+    Returns (groups, channels) float32, NaN where a group has fewer than
+    ``min_count`` values.
+    """
+    order = np.argsort(group, kind="stable")
+    group, values = group[order], values[order]
+    bounds = np.searchsorted(group, np.arange(groups + 1))
+    levels = np.full((groups, values.shape[1]), np.nan, np.float32)
+    for k in range(groups):
+        inside = values[bounds[k]:bounds[k + 1]]
+        if len(inside) >= min_count:
+            levels[k] = np.percentile(inside, quantile, axis=0)
+    return levels
+
+
 def _sector_profile(profile, values, masked, centre, step, radius, rings, quantile, sectors):
     """``profile`` plus what the outer sky keeps above it, per ring and azimuth sector: a function like it.
 
@@ -987,15 +996,7 @@ def _sector_profile(profile, values, masked, centre, step, radius, rings, quanti
     sector = ((np.arctan2(down, across) + np.pi) / (2 * np.pi) * sectors).astype(np.intp) % sectors
     cell = (ring * sectors + sector)[masked]
     excess = (values - profile(sample_rows, sample_cols, step=step))[masked]
-    order = np.argsort(cell, kind="stable")
-    cell, excess = cell[order], excess[order]
-    cells = (rings + 1) * sectors
-    bounds = np.searchsorted(cell, np.arange(cells + 1))
-    levels = np.zeros((cells, values.shape[2]), np.float32)
-    for k in range(cells):
-        inside = excess[bounds[k]:bounds[k + 1]]
-        if len(inside) >= 8:
-            levels[k] = np.percentile(inside, quantile, axis=0)
+    levels = np.nan_to_num(_percentile_by_group(cell, excess, (rings + 1) * sectors, quantile))
     levels = levels.reshape(rings + 1, sectors, -1)
     ring_index = np.arange(rings + 1)
     neighbours = [levels[np.clip(ring_index + dr, 0, rings)][:, (np.arange(sectors) + ds) % sectors]
@@ -2482,8 +2483,6 @@ def save_png(path, array, optimize=False):
 
 
 # ------------------------------------------------------------ the shipped dataset
-
-
 
 def write_dataset(root, n_positive=40, n_unlabelled=40, size=256, seed=0, aurora_fraction=0.75, overwrite=False):
     """Write a synthetic P/U dataset with true masks.
