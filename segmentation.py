@@ -141,13 +141,6 @@ OVERLAY_ALPHA = 0.4
 # Largest side, in pixels, of the arrays drawn in the figure.
 FIGURE_MAX_SIDE = 1024
 
-OUTPUT_KINDS = ("mask", "color_filter", "overlay", "figure")
-
-SUMMARY_COLUMNS = ["file", "rows", "cols", "aurora_fraction", "mean_p_aurora", "seconds", "patches"]
-METRIC_COLUMNS = ["iou", "precision", "recall"]
-
-
-
 
 # ---------------------------------------------------------------------------
 # Window arithmetic: padding, patch views, grids, interpolation
@@ -1900,101 +1893,69 @@ def _existing_outputs(save_dir, sources, outputs, shard):
     return found
 
 
-def main(argv=None):
-    """Run the command line; returns the exit code (0 ok, 1 a frame failed, 2 bad input)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_request:
-        # argparse has printed its message (or the help); hand back its code.
-        return exit_request.code
-    save_dir = Path(args.save_dir)
-    if args.save_probability and "probability" not in args.outputs:
-        args.outputs = [*args.outputs, "probability"]
-    files = run_files(save_dir, args.shard)
+class Run(NamedTuple):
+    """What ``check_run`` found: the frames, their true masks, the sky, the model and the run's settings."""
 
-    if args.dataset is None and not args.merge:
-        return _error("the following argument is required: --dataset (a folder of frames, or one frame file)")
-    if args.merge:
-        try:
-            count = merge_shards(save_dir, args.quiet)
-        except (data.UsageError, OSError) as error:
-            return _error(str(error))
-        print(f"merged {count} frames into {save_dir / 'summary.csv'}")
-        return 0
+    sources: list
+    masks: dict
+    field_of_view: object
+    model: object
+    preprocessing: dict
+    settings: dict
 
-    # Every check that can fail on the user's input runs before anything is
-    # written, cheapest first; the model is loaded last because it is slow.
-    try:
-        if args.resume and args.overwrite:
-            raise data.UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
-        if args.min_elevation is not None and not args.field_of_view:
-            raise data.UsageError("--min_elevation needs --field_of_view (a map of elevation in degrees)")
-        model_path = data.check_model_path(args.model)
-        sources = shard_sources(list_sources(args.dataset, args.recursive), args.shard)
-        masks = match_masks(sources, args.masks, args.recursive) if args.masks else {}
-        check_writable(save_dir)
-        settings = run_settings(args, model_path)
-        skip, earlier = set(), []
-        if args.resume:
-            if not files["settings"].exists():
-                raise data.UsageError(f"cannot resume: {save_dir} holds no run to continue ({files['settings'].name} "
-                                      f"is missing); start it without --resume")
-            recorded = json.loads(files["settings"].read_text())
-            difference = settings_difference(recorded["settings"], settings)
-            if difference:
-                raise data.UsageError(f"cannot resume the run in {save_dir} with other settings: {difference}")
-        elif not args.overwrite:
-            existing = _existing_outputs(save_dir, sources, args.outputs, args.shard)
-            if existing:
-                raise data.UsageError(f"{existing[0]} already exists; use --overwrite to replace, or --resume "
-                                      f"to continue that run")
-        field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
-                         if args.field_of_view else None)
-        data.import_keras(args.backend_logs)
-        model, preprocessing = data.load_model(model_path)
-    except (data.UsageError, OSError) as error:
-        return _error(str(error))
-    args.patch_size, args.preprocessing = data.patch_size_of(model), preprocessing
-    columns = SUMMARY_COLUMNS + (METRIC_COLUMNS if args.masks else [])
-    journal_columns = columns + ["_index"]
 
-    from tqdm import tqdm
+def check_run(args, save_dir, files):
+    """Every check that can fail on the user's input, before anything is written: a ``Run``.
 
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if args.resume:
-            earlier = read_journal(files["journal"], journal_columns)
-            skip = {row["name"] for row in earlier}
-        data.write_atomically(files["settings"], lambda handle: handle.write(json.dumps(
-            {"settings": settings, "shard": list(args.shard) if args.shard else None,
-             "preprocessing": preprocessing}, indent=2).encode()))
-        files["summary"].unlink(missing_ok=True)
-        journal = Journal(files["journal"], journal_columns, fresh=not args.resume)
-    except OSError as error:
-        return _error(f"cannot write to {save_dir}: {error.strerror or error}")
+    Cheapest first; the model is loaded last because it is slow. Raises
+    data.UsageError (or OSError) with the one-line message for the user.
+    """
+    if args.resume and args.overwrite:
+        raise data.UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
+    if args.min_elevation is not None and not args.field_of_view:
+        raise data.UsageError("--min_elevation needs --field_of_view (a map of elevation in degrees)")
+    model_path = data.check_model_path(args.model)
+    sources = shard_sources(list_sources(args.dataset, args.recursive), args.shard)
+    masks = match_masks(sources, args.masks, args.recursive) if args.masks else {}
+    check_writable(save_dir)
+    settings = run_settings(args, model_path)
+    if args.resume:
+        if not files["settings"].exists():
+            raise data.UsageError(f"cannot resume: {save_dir} holds no run to continue ({files['settings'].name} "
+                                  f"is missing); start it without --resume")
+        difference = settings_difference(json.loads(files["settings"].read_text())["settings"], settings)
+        if difference:
+            raise data.UsageError(f"cannot resume the run in {save_dir} with other settings: {difference}")
+    elif not args.overwrite:
+        existing = _existing_outputs(save_dir, sources, args.outputs, args.shard)
+        if existing:
+            raise data.UsageError(f"{existing[0]} already exists; use --overwrite to replace, or --resume "
+                                  f"to continue that run")
+    field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
+                     if args.field_of_view else None)
+    data.import_keras(args.backend_logs)
+    model, preprocessing = data.load_model(model_path)
+    return Run(sources, masks, field_of_view, model, preprocessing, settings)
 
-    started = time.perf_counter()
-    progress = tqdm(total=len(sources), desc="segmenting", unit="frame", disable=args.quiet, file=sys.stderr)
-    try:
-        rows, skipped, warn = segment_files(args, model, preprocessing, sources, masks, field_of_view,
-                                            journal, skip, progress)
-    except OSError as error:
-        return _error(f"cannot write outputs to {save_dir}: {error.strerror or error} "
-                      f"({getattr(error, 'filename', '') or 'unknown file'}); free space and run again with --resume")
-    finally:
-        progress.close()
-        journal.close()
-    seconds = time.perf_counter() - started
-    all_rows = earlier + [{key: ("" if value is None else value) for key, value in row.items()} for row in rows]
-    if args.shard is None:
-        nights = finish_run(save_dir, all_rows, columns, files["summary"], camera_name(args.dataset))
-    else:
-        write_summary(files["summary"], sort_rows(all_rows), columns)
-        nights = []
 
+def open_run(args, save_dir, files, run, columns):
+    """Start (or, with ``--resume``, continue) the run's bookkeeping: (journal, rows done before).
+
+    Raises OSError when ``save_dir`` cannot be written.
+    """
+    save_dir.mkdir(parents=True, exist_ok=True)
+    earlier = read_journal(files["journal"], columns) if args.resume else []
+    data.write_atomically(files["settings"], lambda handle: handle.write(json.dumps(
+        {"settings": run.settings, "shard": list(args.shard) if args.shard else None,
+         "preprocessing": run.preprocessing}, indent=2).encode()))
+    files["summary"].unlink(missing_ok=True)
+    return Journal(files["journal"], columns, fresh=not args.resume), earlier
+
+
+def report(args, save_dir, rows, all_rows, done_before, seconds, nights, warn, skipped, preprocessing):
+    """Print what the run did and what went wrong; returns the exit code (0, or 1 when frames were skipped)."""
     print(f"segmented {len(rows)} frames into {save_dir}" + (f" ({len(rows) / seconds:.2f} frames/s)" if rows else "")
-          + (f"; {len(skip)} done before" if skip else ""))
+          + (f"; {done_before} done before" if done_before else ""))
     scored = [row for row in all_rows if row.get("iou") not in ("", None)]
     clear = [row for row in all_rows if row.get("false_aurora") not in ("", None)]
     if scored:
@@ -2013,12 +1974,68 @@ def main(argv=None):
               f"bit depth than the model's training frames (full scale {preprocessing['full_scale']:g}): they are "
               f"scaled by their own full scale, not the camera's range; train on frames of this camera",
               file=sys.stderr)
+    for message in skipped:
+        print(f"{PROG}: skipped {message}", file=sys.stderr)
     if skipped:
-        for message in skipped:
-            print(f"{PROG}: skipped {message}", file=sys.stderr)
         print(f"{PROG}: {len(skipped)} frame(s) or file(s) could not be read", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code (0 ok, 1 a frame failed, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        # argparse has printed its message (or the help); hand back its code.
+        return exit_request.code
+    save_dir = Path(args.save_dir)
+    if args.save_probability and "probability" not in args.outputs:
+        args.outputs = [*args.outputs, "probability"]
+    files = run_files(save_dir, args.shard)
+    if args.dataset is None and not args.merge:
+        return _error("the following argument is required: --dataset (a folder of frames, or one frame file)")
+    if args.merge:
+        try:
+            count = merge_shards(save_dir, args.quiet)
+        except (data.UsageError, OSError) as error:
+            return _error(str(error))
+        print(f"merged {count} frames into {save_dir / 'summary.csv'}")
+        return 0
+
+    try:
+        run = check_run(args, save_dir, files)
+    except (data.UsageError, OSError) as error:
+        return _error(str(error))
+    args.patch_size, args.preprocessing = data.patch_size_of(run.model), run.preprocessing
+    columns = SUMMARY_COLUMNS + (METRIC_COLUMNS if args.masks else [])
+    try:
+        journal, earlier = open_run(args, save_dir, files, run, columns + ["_index"])
+    except OSError as error:
+        return _error(f"cannot write to {save_dir}: {error.strerror or error}")
+
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    progress = tqdm(total=len(run.sources), desc="segmenting", unit="frame", disable=args.quiet, file=sys.stderr)
+    try:
+        rows, skipped, warn = segment_files(args, run.model, run.preprocessing, run.sources, run.masks,
+                                            run.field_of_view, journal, {row["name"] for row in earlier}, progress)
+    except OSError as error:
+        return _error(f"cannot write outputs to {save_dir}: {error.strerror or error} "
+                      f"({getattr(error, 'filename', '') or 'unknown file'}); free space and run again with --resume")
+    finally:
+        progress.close()
+        journal.close()
+    seconds = time.perf_counter() - started
+    all_rows = earlier + [{key: ("" if value is None else value) for key, value in row.items()} for row in rows]
+    if args.shard is None:
+        nights = finish_run(save_dir, all_rows, columns, files["summary"], camera_name(args.dataset))
+    else:
+        write_summary(files["summary"], sort_rows(all_rows), columns)
+        nights = []
+    return report(args, save_dir, rows, all_rows, len(earlier), seconds, nights, warn, skipped, run.preprocessing)
 
 
 if __name__ == "__main__":

@@ -583,6 +583,75 @@ def p_coverage(P, U, factor=3.0):
     return [U.names[k] for k in np.argsort(-nearest) if nearest[k] > reach]
 
 
+def choose_prior(args, P, U, p_train, u_train):
+    """The class prior to train with: ``--prior`` itself, or estimated from the training patches.
+
+    Returns (prior, estimate), ``estimate`` the estimator's record for
+    config.json (None with a given prior). The estimate comes from the very
+    P and U patches training uses, so that it is the fraction of background
+    among the U patches the loss sees. Raises data.UsageError when there are
+    too few patches to estimate from, or when P frames look like U's aurora.
+    """
+    if args.prior != "auto":
+        return float(args.prior), None
+    if min(len(p_train), len(u_train)) < 4:
+        raise data.UsageError(f"--prior auto needs at least 4 P and 4 U training patches, found {len(p_train)} and "
+                              f"{len(u_train)}: draw more with --P_n and --U_n, or pass --prior")
+    estimate = estimate_prior(P.patches[p_train], U.patches[u_train], seed=args.seed, quiet=args.quiet,
+                              p_folds=checkerboard_folds(P, args.patch_size)[p_train],
+                              u_folds=checkerboard_folds(U, args.patch_size)[u_train])
+    prior = resolve_prior(estimate)
+    aurora_in_p = p_frames_with_aurora(estimate, prior, P._replace(frame_of=P.frame_of[p_train]))
+    if aurora_in_p:
+        raise data.UsageError(
+            f"{len(aurora_in_p)} P frame(s) look like U's aurora (first: {aurora_in_p[0]}): P must hold no "
+            f"aurora at all; remove them from --P_dataset")
+    if not args.quiet:
+        print(f"train.py: estimated prior {estimate['estimate']:.3f} +- {estimate['uncertainty']:.3f} "
+              f"(BBE, held-out P-versus-U AUC {estimate['auc']:.3f})")
+    record = {key: value for key, value in estimate.items() if key not in ("p_scores", "u_scores")}
+    return prior, {**record, "prior": prior}
+
+
+def fit_until_useful(args, prior, P, U, N, p_train, p_val, u_train, u_val, backup):
+    """Train, check the model for a collapse on all of U, and train again from other weights if it collapsed.
+
+    Returns (model, history, attempts, failure, logits): ``attempts`` a
+    record per training for config.json; ``failure`` None, or why the last
+    attempt is useless (``collapse``); ``logits`` the last model's on all of
+    U and on held-out P, before its ``decision_offset``. The check is made where the saved model will
+    decide, after ``decision_offset``: the balanced risk's own threshold
+    calls about half of everything aurora when aurora is rare and P and U
+    look alike, even when the model ranks them well.
+    """
+    attempts, failure = [], None
+    for attempt in range(args.attempts):
+        seed = args.seed + 1000 * attempt
+        if attempt:
+            # A new attempt starts from scratch, not from the last one's
+            # checkpoint; the first resumes an interrupted run's (check_backup).
+            shutil.rmtree(backup, ignore_errors=True)
+            if not args.quiet:
+                print(f"train.py: attempt {attempt + 1} of {args.attempts}, seed {seed}: {failure}")
+        backup.mkdir(parents=True, exist_ok=True)
+        (backup / BACKUP_SETTINGS).write_text(json.dumps(_backup_settings(args)))
+        model, history = fit_model(args, prior, P.patches[p_train], U.patches[u_train],
+                                   None if N is None else N.patches, P.patches[p_val], U.patches[u_val], seed,
+                                   backup)
+        u_logits = data.predict_logits(model, U.patches)
+        p_val_logits = data.predict_logits(model, P.patches[p_val]) if len(p_val) else np.zeros(0)
+        offset = decision_offset(u_logits, p_val_logits, prior) if N is None else 0.0
+        u_aurora = float(np.mean(u_logits < offset))
+        p_aurora = float(np.mean(p_val_logits < offset)) if len(p_val) else None
+        failure = collapse(prior, u_aurora, p_aurora or 0.0, len(U.patches))
+        attempts.append({"seed": seed, "U_fraction_aurora": u_aurora, "decision_offset": offset,
+                         "heldout_P_fraction_aurora": p_aurora, "collapsed": failure})
+        if failure is None:
+            break
+    shutil.rmtree(backup, ignore_errors=True)
+    return model, history, attempts, failure, (u_logits, p_val_logits)
+
+
 def train(args):
     """Fit the model described by ``args`` (the parsed flags) and write the outputs.
 
@@ -611,76 +680,19 @@ def train(args):
     n_u_val = min(int(round(args.val_fraction * len(U.patches))), len(U.patches) - 1)
     p_train, p_val = split_holdout(len(P.patches), n_p_val, rng)
     u_train, u_val = split_holdout(len(U.patches), n_u_val, rng)
+    prior, prior_estimate = choose_prior(args, P, U, p_train, u_train)
 
-    # Class prior: estimated from the very P and U patches training uses, so
-    # that it is the fraction of background among the U patches the loss sees.
-    prior_estimate, aurora_in_p = None, []
-    if args.prior == "auto" and min(len(p_train), len(u_train)) < 4:
-        raise data.UsageError(f"--prior auto needs at least 4 P and 4 U training patches, found {len(p_train)} and "
-                              f"{len(u_train)}: draw more with --P_n and --U_n, or pass --prior")
-    if args.prior == "auto":
-        estimate = estimate_prior(P.patches[p_train], U.patches[u_train], seed=args.seed, quiet=args.quiet,
-                                  p_folds=checkerboard_folds(P, args.patch_size)[p_train],
-                                  u_folds=checkerboard_folds(U, args.patch_size)[u_train])
-        prior = resolve_prior(estimate)
-        prior_estimate = {key: value for key, value in estimate.items() if key not in ("p_scores", "u_scores")}
-        prior_estimate["prior"] = prior
-        aurora_in_p = p_frames_with_aurora(estimate, prior, P._replace(frame_of=P.frame_of[p_train]))
-        if aurora_in_p:
-            raise data.UsageError(
-                f"{len(aurora_in_p)} P frame(s) look like U's aurora (first: {aurora_in_p[0]}): P must hold no "
-                f"aurora at all; remove them from --P_dataset")
-        if not args.quiet:
-            print(f"train.py: estimated prior {estimate['estimate']:.3f} +- {estimate['uncertainty']:.3f} "
-                  f"(BBE, held-out P-versus-U AUC {estimate['auc']:.3f})")
-    else:
-        prior = float(args.prior)
-
-    # Training, then the collapse check on all of U; a collapsed attempt is
-    # tried again from other initial weights before giving up.
-    backup = save_dir / "backup"
-    backup.mkdir(parents=True, exist_ok=True)
-    (backup / BACKUP_SETTINGS).write_text(json.dumps(_backup_settings(args)))
-    attempts, model, history, failure = [], None, {}, None
-    for attempt in range(args.attempts):
-        seed = args.seed + 1000 * attempt
-        if attempt:
-            # A new attempt starts from scratch, not from the last one's checkpoint.
-            shutil.rmtree(backup, ignore_errors=True)
-            backup.mkdir(parents=True)
-            (backup / BACKUP_SETTINGS).write_text(json.dumps(_backup_settings(args)))
-            if not args.quiet:
-                print(f"train.py: attempt {attempt + 1} of {args.attempts}, seed {seed}: {failure}")
-        model, history = fit_model(args, prior, P.patches[p_train], U.patches[u_train],
-                                   None if N is None else N.patches, P.patches[p_val], U.patches[u_val], seed,
-                                   backup)
-        u_logits = data.predict_logits(model, U.patches)
-        p_val_logits = data.predict_logits(model, P.patches[p_val]) if len(p_val) else np.zeros(0)
-        # Judged where the saved model will decide: the balanced risk's own
-        # threshold calls about half of everything aurora when aurora is
-        # rare and P and U look alike, even when the model ranks them well.
-        offset = decision_offset(u_logits, p_val_logits, prior) if N is None else 0.0
-        u_logits, p_val_logits = u_logits - offset, p_val_logits - offset
-        u_aurora = float(np.mean(u_logits < 0))
-        failure = collapse(prior, u_aurora, float(np.mean(p_val_logits < 0)) if len(p_val) else 0.0,
-                           len(U.patches))
-        attempts.append({"seed": seed, "U_fraction_aurora": u_aurora, "decision_offset": offset,
-                         "heldout_P_fraction_aurora": float(np.mean(p_val_logits < 0)) if len(p_val) else None,
-                         "collapsed": failure})
-        if failure is None:
-            break
-    shutil.rmtree(backup, ignore_errors=True)
+    model, history, attempts, failure, (u_logits, p_val_logits) = fit_until_useful(
+        args, prior, P, U, N, p_train, p_val, u_train, u_val, save_dir / "backup")
+    offset = attempts[-1]["decision_offset"]
     final_risk = None
     if len(p_val) and len(u_val):
         from PULoss import pu_zero_one_risk
 
         # Of the weights as trained (before the offset), as history.csv scores every epoch.
         labels = np.concatenate([np.ones(len(p_val)), -np.ones(len(u_val))]).astype("float32")
-        trained = np.concatenate([p_val_logits, u_logits[u_val]]) + offset
-        final_risk = float(pu_zero_one_risk(labels, trained, prior))
+        final_risk = float(pu_zero_one_risk(labels, np.concatenate([p_val_logits, u_logits[u_val]]), prior))
 
-    unlike_p = p_coverage(P, U)
-    device = device_name()
     config = {
         **{key: value for key, value in vars(args).items() if key != "prior"},
         "prior": prior, "prior_given": None if args.prior == "auto" else float(args.prior),
@@ -690,17 +702,17 @@ def train(args):
         "P_patches": [len(p_train), len(p_val)], "U_patches": [len(u_train), len(u_val)],
         "N_patches": None if N is None else len(N.patches),
         "method": "PNU" if N is not None else ("nnPU" if args.nnPU else "uPU"),
-        "backend": keras.backend.backend(), "device": device,
+        "backend": keras.backend.backend(), "device": device_name(),
         "train_seconds": round(time.time() - started, 1),
         "epochs_run": len(history.get("loss", [])),
         "attempts": attempts,
         "status": "collapsed" if failure else "ok",
         "failure": failure,
-        "heldout_U_fraction_aurora": float(np.mean(u_logits[u_val] < 0)) if len(u_val) else None,
+        "heldout_U_fraction_aurora": float(np.mean(u_logits[u_val] < offset)) if len(u_val) else None,
         "final_val_pu_zero_one_risk": final_risk,
-        "U_fraction_aurora": u_aurora,
-        "decision_offset": attempts[-1]["decision_offset"],
-        "U_frames_unlike_P": unlike_p,
+        "U_fraction_aurora": attempts[-1]["U_fraction_aurora"],
+        "decision_offset": offset,
+        "U_frames_unlike_P": p_coverage(P, U),
         "frames_without_border": {"P": P.skyless, "U": U.skyless},
         "versions": {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
                      **({"tensorflow": _tensorflow_version()} if keras.backend.backend() == "tensorflow" else {})},
@@ -708,7 +720,8 @@ def train(args):
     (save_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     if (save_dir / "history.csv").exists():
         plot_history(save_dir / "history.csv", save_dir / "loss.png")
-    plot_predictions(p_val_logits, u_logits[u_val] if len(u_val) else u_logits, save_dir / "prediction.png")
+    plot_predictions(p_val_logits - offset, (u_logits[u_val] if len(u_val) else u_logits) - offset,
+                     save_dir / "prediction.png")
     if failure:
         raise TrainingFailed(f"{failure} in {len(attempts)} attempt(s); no model.keras was written "
                              f"(see {save_dir / 'config.json'}). Check that P holds no aurora and that --prior "
@@ -716,7 +729,7 @@ def train(args):
     # The saved model is an uncompiled copy: stock layers only, no project module needed.
     inference_model = MODELS[args.model](args.patch_size)
     inference_model.set_weights(model.get_weights())
-    fold_offset(inference_model, attempts[-1]["decision_offset"])
+    fold_offset(inference_model, offset)
     data.save_model(inference_model, save_dir / "model.keras", preprocessing)
     return config
 
@@ -838,9 +851,9 @@ def build_parser():
     frames.add_argument("--min_elevation", type=float, default=None, metavar="DEGREES",
                         help="with an elevation map: leave out the sky below this elevation")
     frames.add_argument("--background_sectors", type=data.nonnegative_int, default=0, metavar="N",
-                        help="take the outer sky's background per azimuth sector, N around the sky, for glow on one "
-                             f"side of the horizon (try {data.BACKGROUND_SECTORS}; default: %(default)s, one profile all "
-                             "round)")
+                        help="take the outer sky's background per azimuth sector, N around the sky, for glow on "
+                             f"one side of the horizon (try {data.BACKGROUND_SECTORS}; default: %(default)s, one "
+                             "profile all round)")
     frames.add_argument("--normalize", choices=["auto", *data.NORMALIZATIONS], default="auto",
                         help="what the model sees: 'background' = each frame's excess over its sky's background in "
                              "noise units, 'none' = the frame itself; auto: background for whole frames, none for "
