@@ -617,7 +617,7 @@ def list_images(folder, recursive=False):
 # prepares frames exactly as training did. Models saved before this existed
 # have none and get LEGACY_PREPROCESSING: frames divided by their full scale,
 # no normalization.
-PREPROCESSING_VERSION = 2
+PREPROCESSING_VERSION = 3
 LEGACY_PREPROCESSING = {"version": 0, "normalize": "none", "camera_range": None, "full_scale": None}
 
 # Background normalization (``normalize_frame``). The sky's background is the
@@ -643,6 +643,14 @@ BACKGROUND_SECTORS = 12
 # asinh(excess / NORMALIZE_SOFTENING): linear up to a few noise levels,
 # logarithmic for bright aurora, stars and the moon.
 NORMALIZE_SOFTENING = 3.0
+# A monochrome camera's three channels would all repeat one excess. Instead
+# they hold the excess over backgrounds of these scales (fractions of the
+# sky's diameter, see BACKGROUND_SCALE): the first keeps the inside of wide
+# bands, the smaller ones take out the moon's glow and other humps of the
+# sky that the first leaves standing, and that look like diffuse aurora to
+# a model that sees a patch at a time. Models saved before (preprocessing
+# version 2 and older) have one scale in every channel.
+GREY_SCALES = (0.5, 0.2, 0.08)
 NORMALIZATIONS = ("background", "none")
 
 
@@ -1101,7 +1109,7 @@ def pixel_noise(image, sky, floor, background=None):
     return first if refined is None else refined
 
 
-def normalize_frame(image, sky, quantum, method="background", sectors=0):
+def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_scales=None):
     """What the model sees of a frame: excess over the sky's background in units of the pixel noise.
 
     Parameters
@@ -1119,6 +1127,10 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0):
     sectors : int
         ``sky_background``'s azimuth sectors (the model's
         ``background_sectors``; 0 for models saved before them).
+    grey_scales : sequence of 3 floats, optional
+        For models of monochrome cameras (``GREY_SCALES``): channel k is the
+        excess of the channels' mean over the background of scale
+        ``grey_scales[k]``, instead of each colour over one background.
 
     Returns
     -------
@@ -1138,14 +1150,23 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0):
         return image
     if method != "background":
         raise ValueError(f"Invalid method: expected one of {NORMALIZATIONS}, received {method!r}")
-    background = sky_background(image, sky, sectors=sectors)
+    if grey_scales:
+        grey = image.mean(axis=2, keepdims=True, dtype=np.float32)
+        normalized = np.concatenate([_excess(grey, sky, quantum, sectors, scale) for scale in grey_scales], axis=2)
+    else:
+        normalized = _excess(image, sky, quantum, sectors, BACKGROUND_SCALE)
+    normalized[~sky] = 0.0
+    return normalized
+
+
+def _excess(image, sky, quantum, sectors, scale):
+    """``asinh((image - background) / (noise * NORMALIZE_SOFTENING))`` per channel, for ``normalize_frame``."""
+    background = sky_background(image, sky, scale=scale, sectors=sectors)
     noise = pixel_noise(image, sky, 0.5 * quantum, background)
     normalized = background  # reused in place: one full-size temporary, not three
     np.subtract(image, background, out=normalized)
     normalized /= noise * np.float32(NORMALIZE_SOFTENING)
-    np.arcsinh(normalized, out=normalized)
-    normalized[~sky] = 0.0
-    return normalized
+    return np.arcsinh(normalized, out=normalized)
 
 
 class Prepared(NamedTuple):
@@ -1204,7 +1225,7 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
         found = not sky.all()
     quantum = 1.0 / (high - low)
     model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"),
-                                  preprocessing.get("background_sectors", 0))
+                                  preprocessing.get("background_sectors", 0), preprocessing.get("grey_scales"))
     return Prepared(image, model_input, sky, found, quantum)
 
 
@@ -1748,11 +1769,12 @@ def survey_frames(paths, patch_size, files=40):
     -------
     survey : dict
         ``full_scale`` (of most frames), ``camera_range`` (``estimate_camera_range``
-        over the frames of that full scale) and ``min_side`` (the smallest
-        frame side seen).
+        over the frames of that full scale), ``min_side`` (the smallest
+        frame side seen) and ``grey`` (every frame seen has three equal
+        channels: a monochrome camera).
     """
     chosen = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(files, len(paths))).astype(int))]
-    by_scale, min_side = {}, None
+    by_scale, min_side, grey = {}, None, True
     for path in chosen:
         try:
             for frame in read_frames(path):
@@ -1760,14 +1782,20 @@ def survey_frames(paths, patch_size, files=40):
                     continue
                 by_scale.setdefault(frame.full_scale, []).append(frame.pixels[::3, ::3])
                 side = min(frame.pixels.shape[:2])
+                grey = grey and _is_grey(frame.pixels)
                 min_side = side if min_side is None else min(min_side, side)
         except DataError:
             continue  # frame_patches reports it
     if not by_scale:
-        return {"full_scale": 255.0, "camera_range": [0.0, 255.0], "min_side": patch_size}
+        return {"full_scale": 255.0, "camera_range": [0.0, 255.0], "min_side": patch_size, "grey": False}
     full_scale = max(by_scale, key=lambda scale: len(by_scale[scale]))
     return {"full_scale": full_scale, "camera_range": list(estimate_camera_range(by_scale[full_scale], full_scale)),
-            "min_side": min_side}
+            "min_side": min_side, "grey": grey}
+
+
+def _is_grey(pixels):
+    """Whether a frame's three channels are equal: grey, repeated (``Frame``)."""
+    return bool(np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2]))
 
 
 PU_LABELS = (1.0, -1.0)

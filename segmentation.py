@@ -819,12 +819,16 @@ def excess_map(model_input, preprocessing):
     """The frame's excess over its sky background in noise units, smoothed and the largest over channels.
 
     Undoes ``data.normalize_frame``'s asinh; None when the model sees the
-    frame itself (``normalize`` "none").
+    frame itself (``normalize`` "none"). For a monochrome camera's model
+    (``grey_scales``) the excess over the widest background alone: the
+    others take part of the aurora into their background.
     """
     from skimage.filters import gaussian
 
     if preprocessing.get("normalize") != "background":
         return None
+    if preprocessing.get("grey_scales"):
+        model_input = model_input[..., :1]
     # Smoothed channel by channel before the maximum: the maximum of three
     # noisy channels would lift the whole sky by most of a noise level.
     excess = gaussian(data.NORMALIZE_SOFTENING * np.sinh(model_input), sigma=REFINE_SMOOTHING, channel_axis=-1,

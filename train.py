@@ -165,6 +165,8 @@ def resolve_preprocessing(args, paths):
     ``--normalize auto`` normalizes whole frames by their sky's background
     and leaves images that are themselves patches (smaller than four patches
     a side: no sky around them to estimate a background from) as they are.
+    Frames of a monochrome camera get a background of each scale of
+    ``data.GREY_SCALES`` in their three channels.
     """
     survey = data.survey_frames(paths, args.patch_size)
     normalize = args.normalize
@@ -175,7 +177,8 @@ def resolve_preprocessing(args, paths):
                               f"--normalize background); these frames are prepared with '{normalize}'")
     return {"version": data.PREPROCESSING_VERSION, "normalize": normalize, "full_scale": survey["full_scale"],
             "camera_range": survey["camera_range"], "patch_size": args.patch_size,
-            "background_sectors": args.background_sectors if normalize == "background" else 0}
+            "background_sectors": args.background_sectors if normalize == "background" else 0,
+            "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None}
 
 
 def load_patch_sets(args, preprocessing, rng):

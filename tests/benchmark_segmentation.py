@@ -290,8 +290,12 @@ def _archive_folder(folder, count, size, unique=50):
     return folder
 
 
-def _cli_run(args, frames, out, *extra):
-    """segmentation.py on ``frames`` in a child process: (wall seconds, summary rows without the mean, peak RSS MB)."""
+def _cli_run(args, frames, out, *extra, trace=None):
+    """segmentation.py on ``frames`` in a child process: (wall seconds, summary rows without the mean, peak RSS MB).
+
+    With ``trace`` (a list), appends (masks written, peak RSS MB so far)
+    every two seconds while it runs (Linux, from /proc; nothing elsewhere).
+    """
     command = [sys.executable, str(ROOT / "segmentation.py"), "--dataset", str(frames), "--model", str(args.model),
                "--save_dir", str(out), "--quiet", *extra]
     # A wrapper process whose only child is segmentation.py, so that its
@@ -299,14 +303,34 @@ def _cli_run(args, frames, out, *extra):
     wrapper = ("import resource, subprocess, sys, time; start = time.perf_counter(); "
                "code = subprocess.run(sys.argv[1:]).returncode; wall = time.perf_counter() - start; "
                "print(code, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    completed = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, cwd=ROOT)
+    process = subprocess.Popen([sys.executable, "-c", wrapper, *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    if trace is not None:
+        while process.poll() is None:
+            peak = _child_peak_mb(process.pid)
+            if peak is not None:
+                trace.append((len(list((Path(out) / "mask").glob("*.png"))), peak))
+            time.sleep(2)
+    stdout, stderr = process.communicate()
     # The last line is the wrapper's; segmentation.py's own lines come before it.
-    code, wall, peak_kb = completed.stdout.strip().splitlines()[-1].split()
+    code, wall, peak_kb = stdout.strip().splitlines()[-1].split()
     if int(code) != 0:
-        raise RuntimeError(f"segmentation.py on {frames} failed:\n{completed.stderr[-3000:]}")
+        raise RuntimeError(f"segmentation.py on {frames} failed:\n{stderr[-3000:]}")
     with open(Path(out) / "summary.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["file"] != "mean"]
     return float(wall), rows, int(peak_kb) / 1024
+
+
+def _child_peak_mb(pid):
+    """Peak RSS (VmHWM) in MB of the first child of process ``pid`` so far, or None where /proc cannot tell."""
+    try:
+        child = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0]
+        for line in Path(f"/proc/{child}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
 
 
 def worker_in_memory(args, started):
@@ -346,8 +370,13 @@ def archive_runs(args, folder):
                           "cli_peak_mb": peak, "memory_peak_mb": memory["max_rss_mb"]}
     for count in (50, 500):
         frames = _archive_folder(Path(folder) / f"frames_{count}", count, args.size)
-        wall, rows, peak = _cli_run(args, frames, Path(folder) / f"cli_{count}", "--outputs", "mask")
-        results[f"{count} frames, masks only"] = {"cli_fps": len(rows) / wall, "cli_peak_mb": peak}
+        trace = []
+        wall, rows, peak = _cli_run(args, frames, Path(folder) / f"cli_{count}", "--outputs", "mask", trace=trace)
+        # Whether the peak still rises late in the run (a leak) or stops after a warm-up.
+        by_frames = {done: max([mb for written, mb in trace if written <= done], default=None)
+                     for done in range(100, count + 1, 100)}
+        results[f"{count} frames, masks only"] = {"cli_fps": len(rows) / wall, "cli_peak_mb": peak,
+                                                 "peak_by_frames": by_frames}
     return results
 
 
@@ -487,6 +516,9 @@ def print_archive(results, args):
                      f"(in memory, 200 frames held: {result['memory_peak_mb']:.0f} MB)")
         else:
             line += f"; peak RSS {result['cli_peak_mb']:.0f} MB"
+        known = {done: mb for done, mb in result.get("peak_by_frames", {}).items() if mb is not None}
+        if known:
+            line += " (after " + ", ".join(f"{done} frames {mb:.0f} MB" for done, mb in known.items()) + ")"
         print(line)
 
 

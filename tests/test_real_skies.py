@@ -192,3 +192,43 @@ def test_background_sectors_are_stored_with_the_model_and_default_to_one_profile
     chosen = train.resolve_preprocessing(train.build_parser().parse_args([*flags, "--background_sectors", "12"]), paths)
     assert default["normalize"] == chosen["normalize"] == "background"
     assert default["background_sectors"] == 0 and chosen["background_sectors"] == 12
+
+
+# ------------------------------------------------------------ monochrome cameras: backgrounds of three scales
+
+def grey(image):
+    """An 8-bit RGB frame as a monochrome camera takes it: its green channel in all three, [0, 1] float32."""
+    return np.repeat(image[..., 1:2], 3, axis=2).astype(np.float32) / 255
+
+
+def test_grey_frames_hold_the_excess_over_three_backgrounds_and_the_moon_fades_from_the_smaller_ones():
+    with_moon, aurora = data.synthetic_frame(256, seed=31, aurora=True, moon=1.0)
+    without_moon, _ = data.synthetic_frame(256, seed=31, aurora=True, moon=0.0)
+    image = grey(with_moon)
+    sky = data.sky_mask(image)
+    scales = data.normalize_frame(image, sky, 1 / 255, grey_scales=data.GREY_SCALES)
+    one_scale = data.normalize_frame(image, sky, 1 / 255)
+    # The widest background is the one of every colour model: channel 0 is the old input.
+    np.testing.assert_allclose(scales[..., 0], one_scale[..., 0], atol=1e-4)
+    # The moon's glow where it stands above the widest background (asinh 1: about 3.5 noise levels).
+    glow = sky & ~aurora & (grey(with_moon)[..., 0] - grey(without_moon)[..., 0] > 0.05) & (scales[..., 0] > 1.0)
+    assert glow.sum() > 500, glow.sum()  # the test needs a moon's glow in the sky
+    assert np.median(scales[..., 2][glow]) < 0.6 * np.median(scales[..., 0][glow])
+    # The aurora keeps most of its excess over the smaller backgrounds.
+    assert np.median(scales[..., 1][aurora & sky]) > 0.5 * np.median(scales[..., 0][aurora & sky])
+
+
+def test_grey_scales_are_chosen_for_monochrome_frames_only_and_stored_with_the_model(tmp_path):
+    flags = train.build_parser().parse_args(["--P_dataset", "P", "--U_dataset", "U"])
+    colour = sorted((ROOT / "dataset" / "Positive").glob("*.png"))[:2]
+    assert train.resolve_preprocessing(flags, colour)["grey_scales"] is None
+    for k, path in enumerate(colour):
+        Image.fromarray(np.asarray(Image.open(path).convert("L"))).save(tmp_path / f"grey_{k}.png")
+    stored = train.resolve_preprocessing(flags, sorted(tmp_path.glob("grey_*.png")))
+    assert stored["grey_scales"] == list(data.GREY_SCALES)
+    frame = next(data.read_frames(tmp_path / "grey_0.png"))
+    prepared = data.prepare_frame(frame.pixels, frame.full_scale, stored)
+    assert not np.array_equal(prepared.model_input[..., 0], prepared.model_input[..., 2])
+    # A model saved before the scales (version 2) sees the same excess in every channel.
+    before = data.prepare_frame(frame.pixels, frame.full_scale, {**stored, "version": 2, "grey_scales": None})
+    np.testing.assert_array_equal(before.model_input[..., 0], before.model_input[..., 2])
