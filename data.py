@@ -1152,7 +1152,9 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
         raise ValueError(f"Invalid method: expected one of {NORMALIZATIONS}, received {method!r}")
     if grey_scales:
         grey = image.mean(axis=2, keepdims=True, dtype=np.float32)
-        normalized = np.concatenate([_excess(grey, sky, quantum, sectors, scale) for scale in grey_scales], axis=2)
+        normalized = np.empty((*image.shape[:2], len(grey_scales)), np.float32)
+        for channel, scale in enumerate(grey_scales):  # one channel at a time: a 4096x4096 frame's is 64 MB
+            normalized[..., channel] = _excess(grey, sky, quantum, sectors, scale)[..., 0]
     else:
         normalized = _excess(image, sky, quantum, sectors, BACKGROUND_SCALE)
     normalized[~sky] = 0.0
