@@ -368,7 +368,7 @@ def archive_runs(args, folder):
                                                 "--archive_out", str(Path(folder) / f"memory_{len(results)}")])
         results[label] = {"cli_fps": len(rows) / wall, "memory_fps": memory["frames"] / memory["seconds"],
                           "cli_peak_mb": peak, "memory_peak_mb": memory["max_rss_mb"]}
-    for count in (50, 500):
+    for count in (50, 500) if args.archive_memory else ():
         frames = _archive_folder(Path(folder) / f"frames_{count}", count, args.size)
         trace = []
         wall, rows, peak = _cli_run(args, frames, Path(folder) / f"cli_{count}", "--outputs", "mask", trace=trace)
@@ -408,6 +408,8 @@ def main(argv=None):
                              "and 500 frames")
     parser.add_argument("--only_archive", action=argparse.BooleanOptionalAction, default=False,
                         help="measure the archive runs alone")
+    parser.add_argument("--archive_memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="with the archive runs, the 50- and 500-frame runs for peak memory")
     parser.add_argument("--archive_frames", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--archive_outputs", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--archive_out", default=None, help=argparse.SUPPRESS)
