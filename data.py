@@ -1067,9 +1067,10 @@ def pixel_noise(image, sky, floor, background=None):
     given, the estimate is repeated on the pairs of pixels that both lie
     within 1.5 first estimates of the sky's median level above the
     background, which leaves out aurora, its brighter shot noise and stars
-    (and reads about 0.8 of the full noise, the same for every frame). Returns an ndarray of shape (channels,), float32, each
-    at least ``floor`` (half a count: compression can flatten a dark sky to
-    a single value).
+    (and reads about 0.8 of the full noise, the same for every frame).
+    Returns an ndarray of shape (channels,), float32, each at least
+    ``floor`` (half a count: compression can flatten a dark sky to a single
+    value).
     """
     step = max(1, image.shape[0] // 512)
     rows = image[::step]

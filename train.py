@@ -622,10 +622,11 @@ def fit_until_useful(args, prior, P, U, N, p_train, p_val, u_train, u_val, backu
     Returns (model, history, attempts, failure, logits): ``attempts`` a
     record per training for config.json; ``failure`` None, or why the last
     attempt is useless (``collapse``); ``logits`` the last model's on all of
-    U and on held-out P, before its ``decision_offset``. The check is made where the saved model will
-    decide, after ``decision_offset``: the balanced risk's own threshold
-    calls about half of everything aurora when aurora is rare and P and U
-    look alike, even when the model ranks them well.
+    U and on held-out P, before its ``decision_offset``. The check is made
+    where the saved model will decide, after ``decision_offset``: the
+    balanced risk's own threshold calls about half of everything aurora when
+    aurora is rare and P and U look alike, even when the model ranks them
+    well.
     """
     attempts, failure = [], None
     for attempt in range(args.attempts):
