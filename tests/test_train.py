@@ -95,6 +95,15 @@ def test_history_has_risks_per_epoch(trained):
         assert np.isfinite(float(rows[-1][key])), key
 
 
+def test_learning_rate_falls_to_zero_along_a_cosine(trained):
+    # Two epochs: after the first the cosine is half-way down, after the last at 0.
+    with open(trained / "history.csv", newline="") as f:
+        rates = [float(row["learning_rate"]) for row in csv.DictReader(f)]
+    lr = json.loads((trained / "config.json").read_text())["lr"]
+    assert rates[0] == pytest.approx(lr / 2, rel=1e-3)
+    assert rates[-1] == pytest.approx(0.0, abs=lr * 1e-6)
+
+
 @pytest.mark.slow
 def test_saved_model_loads_in_a_fresh_process_without_project_modules(trained):
     script = (
