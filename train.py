@@ -473,9 +473,10 @@ def fit_model(args, prior, P_train, U_train, N_train, P_val, U_val, seed, backup
 
         def on_epoch_end(self, epoch, logs=None):
             recalibrate_batch_norm(self.model, calibration)
-            if logs is not None:
-                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            if logs is None or len(P_val) == 0 or len(U_val) == 0:
+            if logs is None:
+                return
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            if len(P_val) == 0 or len(U_val) == 0:
                 return
             logits = data.predict_logits(self.model, x_val)
             logs["val_pu_zero_one_risk"] = float(pu_zero_one_risk(y_val, logits, prior))
@@ -879,8 +880,9 @@ def build_parser():
                             f"(default: %(default)s)")
     model.add_argument("--batchsize", type=data.positive_int, default=64,
                        help="patches per batch, half P and half U (default: %(default)s)")
-    model.add_argument("--lr", type=float, default=3e-4, help="Adam's learning rate at the start; it falls to 0 along a cosine "
-                                                                      "over the epochs (default: %(default)s)")
+    model.add_argument("--lr", type=float, default=3e-4,
+                       help="Adam's learning rate at the start; it falls to 0 along a cosine over the epochs "
+                            "(default: %(default)s)")
     model.add_argument("--seed", type=data.nonnegative_int, default=0,
                        help="random seed for patches, splits and weights (default: %(default)s)")
     model.add_argument("--attempts", type=data.positive_int, default=3,
