@@ -1671,7 +1671,9 @@ class PatchSet(NamedTuple):
     """Patches of many frames: ``patches`` (n, p, p, 3) float32 cut from the prepared frames,
     ``frame_of`` (n,) int the frame of each patch, ``centres`` (n, 2) int its centre (row, col)
     in that frame, ``names`` the frames' names in reading order, ``conditions`` (frames, 7) their
-    ``sky_conditions`` and ``skyless`` the names of frames in which no fisheye border was found."""
+    ``sky_conditions``, ``skyless`` the names of frames in which no fisheye border was found, and
+    ``unseen`` (m, p, p, 3) float32 or None, more patches of the same frames drawn separately,
+    kept out of training to check the trained model on patches it never saw."""
 
     patches: np.ndarray
     frame_of: np.ndarray
@@ -1679,9 +1681,11 @@ class PatchSet(NamedTuple):
     names: list
     conditions: np.ndarray
     skyless: list
+    unseen: np.ndarray = None
 
 
-def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=None, quiet=False, desc="patches"):
+def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=None, quiet=False, desc="patches",
+                  unseen=0, unseen_rng=None):
     """About ``total`` random patches with sky centres, from every frame of the files ``paths``.
 
     Parameters
@@ -1701,6 +1705,12 @@ def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=No
         No progress bar.
     desc : str
         Progress bar label.
+    unseen : int
+        About this many more patches, spread over the frames the same way
+        and drawn with ``unseen_rng``, so that ``rng``'s draws, and with them
+        the training patches, are the same with or without them.
+    unseen_rng : numpy.random.Generator, optional
+        Needed when ``unseen`` > 0.
 
     Returns
     -------
@@ -1723,7 +1733,8 @@ def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=No
 
     patch_size = _check_count(patch_size, "patch_size")
     per_file = max(1, math.ceil(_check_count(total, "total") / len(paths)))
-    patches, frame_of, centres, names, conditions, skyless = [], [], [], [], [], []
+    unseen_per_file = math.ceil(unseen / len(paths))
+    patches, frame_of, centres, names, conditions, skyless, extra = [], [], [], [], [], [], []
     for path in tqdm(paths, desc=desc, unit="file", disable=quiet):
         try:
             frames = [frame for frame in read_frames(path) if _usable(frame)]
@@ -1739,6 +1750,9 @@ def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=No
                 continue
             prepared = prepare_frame(frame.pixels, frame.full_scale, preprocessing, field_of_view)
             cut, where = sample_patches(prepared.model_input, prepared.sky, patch_size, per_frame, rng)
+            if unseen_per_file:
+                extra.append(sample_patches(prepared.model_input, prepared.sky, patch_size,
+                                            math.ceil(unseen_per_file / max(1, len(frames))), unseen_rng)[0])
             patches.append(cut)
             centres.append(where)
             frame_of.append(np.full(per_frame, len(names)))
@@ -1753,7 +1767,8 @@ def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=No
     if len(patches) > total:
         keep = np.sort(rng.choice(len(patches), total, replace=False))
         patches, frame_of, centres = patches[keep], frame_of[keep], centres[keep]
-    return PatchSet(patches, frame_of, centres, names, np.stack(conditions), skyless)
+    return PatchSet(patches, frame_of, centres, names, np.stack(conditions), skyless,
+                    np.concatenate(extra) if extra else None)
 
 
 def _usable(frame):

@@ -181,17 +181,30 @@ def resolve_preprocessing(args, paths):
             "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None}
 
 
+# Patches of the P and of the U frames that training never sees, for the
+# collapse check: at a prior of 0.99 U holds 1% aurora, and the check needs
+# many thousand patches to tell a model that finds it from one that does not.
+UNSEEN_PATCHES = 20_000
+
+
 def load_patch_sets(args, preprocessing, rng):
-    """Patches of the P, U (and N) frames: ``data.PatchSet`` each (N None without --N_dataset)."""
+    """Patches of the P, U (and N) frames: ``data.PatchSet`` each (N None without --N_dataset).
+
+    P and U also carry ``unseen`` patches (up to ``UNSEEN_PATCHES``, drawn
+    with their own generator, so that the training patches do not depend on
+    them).
+    """
     field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
                      if args.field_of_view else None)
 
-    def patches(folders, total, label):
+    def patches(folders, total, label, stream=None):
+        unseen = 0 if stream is None else min(UNSEEN_PATCHES, 10 * total)
         return data.frame_patches(frame_files(folders, args.recursive), args.patch_size, total, rng, preprocessing,
-                                  field_of_view, quiet=args.quiet, desc=f"{label} patches")
+                                  field_of_view, quiet=args.quiet, desc=f"{label} patches", unseen=unseen,
+                                  unseen_rng=None if stream is None else np.random.default_rng([args.seed, stream]))
 
-    P = patches(args.P_dataset, args.P_n, "P")
-    U = patches([args.U_dataset], args.U_n, "U")
+    P = patches(args.P_dataset, args.P_n, "P", stream=1)
+    U = patches([args.U_dataset], args.U_n, "U", stream=2)
     N = patches([args.N_dataset], args.N_n, "N") if args.N_dataset else None
     return P, U, N
 
@@ -504,44 +517,49 @@ def fit_model(args, prior, P_train, U_train, N_train, P_val, U_val, seed, backup
     return model, history.history
 
 
-def collapse(prior, u_aurora, p_aurora, n_u):
+def collapse(prior, u_aurora, p_aurora, n_u, n_p):
     """Why a trained model is useless, or None: it finds (almost) no aurora, or calls (almost) everything aurora.
 
     Parameters
     ----------
     prior : float
         The class prior trained with: U should hold about ``1 - prior`` aurora.
-    u_aurora : float
-        Fraction of the U patches (all of them, for power at priors near 1)
-        the model calls aurora.
-    p_aurora : float
-        Fraction of held-out P patches (clear sky) it calls aurora.
-    n_u : int
-        U patches counted.
+    u_aurora, p_aurora : float
+        Fractions of U patches and of P (clear sky) patches the model calls
+        aurora, counted on patches it did not train on: a model that learnt
+        its training patches by heart finds "aurora" there and nowhere else.
+    n_u, n_p : int
+        Patches counted.
 
     Notes
     -----
     U holds a share ``prior`` of background and ``1 - prior`` of aurora, so
-    ``u_aurora - prior * p_aurora`` is ``1 - prior`` times the share of the
-    aurora the model finds. When that share is under a tenth (and a tenth
-    of U's aurora is at least 5 patches, so that the check has power), the
-    model has collapsed to "no aurora anywhere": it calls U aurora no more
-    often than clear sky. One that calls more than half of the held-out P,
-    or nearly all of U, aurora has collapsed to "aurora everywhere". Empty
-    masks on a night without aurora are fine, but then the prior would have
-    said so (``resolve_prior``).
+    ``found = (u_aurora - prior * p_aurora) / (1 - prior)`` is the share of
+    U's aurora the model finds. The model has collapsed to "no aurora
+    anywhere" when ``found`` is not above a tenth by twice its standard
+    error (binomial, counts plus one so that zero counts are not certain).
+    When that error exceeds ``MAX_CHECK_ERROR`` (too few patches for the
+    prior: 400 U patches hold 4 aurora patches at 0.99) no claim is made.
+    One that calls more than half of P, or nearly all of U, aurora has
+    collapsed to "aurora everywhere". Empty masks on a night without aurora
+    are fine, but then the prior would have said so (``resolve_prior``).
     """
     expected = 1.0 - prior
     found = (u_aurora - prior * p_aurora) / expected
-    if 0.1 * expected * n_u >= 5 and found < 0.1:
-        return (f"the model calls {u_aurora:.2%} of the U patches and {p_aurora:.2%} of the held-out P patches "
-                f"aurora where the prior {prior:.3f} says {expected:.2%} of U is: it has collapsed to "
-                f"'no aurora anywhere'")
+    u_rate, p_rate = (u_aurora * n_u + 1) / (n_u + 2), (p_aurora * n_p + 1) / (n_p + 2)
+    error = math.sqrt(u_rate * (1 - u_rate) / n_u + prior ** 2 * p_rate * (1 - p_rate) / n_p) / expected
+    if error <= MAX_CHECK_ERROR and found < 0.1 + 2 * error:
+        return (f"on patches it did not train on, the model calls {u_aurora:.2%} of U and {p_aurora:.2%} of P "
+                f"aurora where the prior {prior:.3f} says {expected:.2%} of U is: it finds {max(found, 0):.0%} "
+                f"(+- {error:.0%}) of U's aurora, it has collapsed to 'no aurora anywhere'")
     if p_aurora > 0.5 or u_aurora > 1.0 - 0.1 * prior:
-        return (f"the model calls {p_aurora:.0%} of the held-out P patches and {u_aurora:.0%} of the U patches "
+        return (f"the model calls {p_aurora:.0%} of P and {u_aurora:.0%} of U (patches it did not train on) "
                 f"aurora: it has collapsed to 'aurora everywhere'")
     return None
 
+
+# Above this standard error of the share of aurora found, `collapse` makes no claim.
+MAX_CHECK_ERROR = 0.2
 
 # The share of held-out P (aurora-free) patches the model may call aurora.
 FALSE_ALARM = 0.02
@@ -624,16 +642,16 @@ def choose_prior(args, P, U, p_train, u_train):
 
 
 def fit_until_useful(args, prior, P, U, N, p_train, p_val, u_train, u_val, backup):
-    """Train, check the model for a collapse on all of U, and train again from other weights if it collapsed.
+    """Train, check the model for a collapse, and train again from other weights if it collapsed.
 
     Returns (model, history, attempts, failure, logits): ``attempts`` a
     record per training for config.json; ``failure`` None, or why the last
     attempt is useless (``collapse``); ``logits`` the last model's on all of
     U and on held-out P, before its ``decision_offset``. The check is made
-    where the saved model will decide, after ``decision_offset``: the
-    balanced risk's own threshold calls about half of everything aurora when
-    aurora is rare and P and U look alike, even when the model ranks them
-    well.
+    on the unseen P and U patches, where the saved model will decide, after
+    ``decision_offset``: the balanced risk's own threshold calls about half
+    of everything aurora when aurora is rare and P and U look alike, even
+    when the model ranks them well.
     """
     attempts, failure = [], None
     for attempt in range(args.attempts):
@@ -654,9 +672,13 @@ def fit_until_useful(args, prior, P, U, N, p_train, p_val, u_train, u_val, backu
         offset = decision_offset(u_logits, p_val_logits, prior) if N is None else 0.0
         u_aurora = float(np.mean(u_logits < offset))
         p_aurora = float(np.mean(p_val_logits < offset)) if len(p_val) else None
-        failure = collapse(prior, u_aurora, p_aurora or 0.0, len(U.patches))
+        unseen_u = float(np.mean(data.predict_logits(model, U.unseen) < offset))
+        unseen_p = float(np.mean(data.predict_logits(model, P.unseen) < offset))
+        failure = collapse(prior, unseen_u, unseen_p, len(U.unseen), len(P.unseen))
         attempts.append({"seed": seed, "U_fraction_aurora": u_aurora, "decision_offset": offset,
-                         "heldout_P_fraction_aurora": p_aurora, "collapsed": failure})
+                         "heldout_P_fraction_aurora": p_aurora, "unseen_U_fraction_aurora": unseen_u,
+                         "unseen_P_fraction_aurora": unseen_p, "unseen_patches": [len(P.unseen), len(U.unseen)],
+                         "collapsed": failure})
         if failure is None:
             break
     shutil.rmtree(backup, ignore_errors=True)
@@ -722,6 +744,8 @@ def train(args):
         "heldout_U_fraction_aurora": float(np.mean(u_logits[u_val] < offset)) if len(u_val) else None,
         "final_val_pu_zero_one_risk": final_risk,
         "U_fraction_aurora": attempts[-1]["U_fraction_aurora"],
+        "unseen_U_fraction_aurora": attempts[-1]["unseen_U_fraction_aurora"],
+        "unseen_P_fraction_aurora": attempts[-1]["unseen_P_fraction_aurora"],
         "decision_offset": offset,
         "U_frames_unlike_P": p_coverage(P, U),
         "frames_without_border": {"P": P.skyless, "U": U.skyless},
@@ -1021,8 +1045,9 @@ def main(argv=None):
         return EXIT_TRAINING_FAILED
     if not args.quiet:
         print(f"train.py: wrote model.keras, config.json, history.csv, loss.png and prediction.png to {args.save_dir}")
-        print(f"train.py: the model calls {config['U_fraction_aurora']:.1%} of the U patches aurora; the prior "
-              f"{config['prior']:.3f} says {1 - config['prior']:.1%} are")
+        print(f"train.py: on patches it did not train on, the model calls {config['unseen_U_fraction_aurora']:.1%} "
+              f"of U and {config['unseen_P_fraction_aurora']:.1%} of P aurora; the prior {config['prior']:.3f} says "
+              f"{1 - config['prior']:.1%} of U is")
     skyless = config["frames_without_border"]["P"] + config["frames_without_border"]["U"]
     if skyless:
         print(f"train.py: {data.borderless_warning(skyless)}", file=sys.stderr)

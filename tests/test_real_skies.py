@@ -15,14 +15,41 @@ from conftest import ROOT
 # ------------------------------------------------------------ the checks, by hand
 
 def test_collapse_names_each_trivial_model_and_passes_a_useful_one():
-    assert "no aurora anywhere" in train.collapse(0.95, u_aurora=0.001, p_aurora=0.0, n_u=4000)
-    assert "aurora everywhere" in train.collapse(0.95, u_aurora=0.99, p_aurora=0.9, n_u=4000)
-    assert train.collapse(0.95, u_aurora=0.05, p_aurora=0.01, n_u=4000) is None
+    n = dict(n_u=4000, n_p=2000)
+    assert "no aurora anywhere" in train.collapse(0.95, u_aurora=0.001, p_aurora=0.0, **n)
+    assert "aurora everywhere" in train.collapse(0.95, u_aurora=0.99, p_aurora=0.9, **n)
+    assert train.collapse(0.95, u_aurora=0.05, p_aurora=0.01, **n) is None
     # Calling U aurora no more often than clear sky is finding no aurora.
-    assert "no aurora anywhere" in train.collapse(0.95, u_aurora=0.03, p_aurora=0.03, n_u=4000)
+    assert "no aurora anywhere" in train.collapse(0.95, u_aurora=0.03, p_aurora=0.03, **n)
     # At a prior of 0.99, 400 U patches hold about 4 aurora patches: too few to call the model collapsed.
-    assert train.collapse(0.99, u_aurora=0.0, p_aurora=0.0, n_u=400) is None
-    assert "no aurora anywhere" in train.collapse(0.99, u_aurora=0.0, p_aurora=0.0, n_u=8000)
+    assert train.collapse(0.99, u_aurora=0.0, p_aurora=0.0, n_u=400, n_p=200) is None
+    assert "no aurora anywhere" in train.collapse(0.99, u_aurora=0.0, p_aurora=0.0, n_u=8000, n_p=8000)
+
+
+def test_collapse_asks_the_share_found_to_clear_a_tenth_by_its_noise():
+    # Prior 0.98, 20,000 patches each: U at 2.0% against P at 1.4% finds 31% of U's aurora, with a standard
+    # error of about 6%, and passes; U at 1.7% finds 16%, not clear of a tenth by two errors: collapsed.
+    n = dict(n_u=20_000, n_p=20_000)
+    assert train.collapse(0.98, u_aurora=0.020, p_aurora=0.014, **n) is None
+    assert "finds 16%" in train.collapse(0.98, u_aurora=0.017, p_aurora=0.014, **n)
+    # With twenty times fewer patches the same rates are too noisy to call the model either way.
+    assert train.collapse(0.98, u_aurora=0.017, p_aurora=0.014, n_u=1000, n_p=1000) is None
+
+
+def test_unseen_patches_leave_the_training_patches_as_they_were(tmp_path):
+    folder, _ = frames_folder(tmp_path / "U", 3, [True, False, True], seed=700)
+    paths = sorted(folder.glob("*.png"))
+    preprocessing = {"version": data.PREPROCESSING_VERSION, "normalize": "background", "full_scale": 255.0,
+                     "camera_range": None, "patch_size": 16, "background_sectors": 0, "grey_scales": None}
+
+    def draw(unseen):
+        return data.frame_patches(paths, 16, 60, np.random.default_rng(1), preprocessing, quiet=True,
+                                  unseen=unseen, unseen_rng=np.random.default_rng(2))
+
+    plain, checked = draw(0), draw(300)
+    assert plain.unseen is None and checked.unseen.shape == (300, 16, 16, 3)
+    np.testing.assert_array_equal(plain.patches, checked.patches)
+    np.testing.assert_array_equal(plain.centres, checked.centres)
 
 
 def test_decision_offset_matches_the_prior_unless_p_would_be_called_aurora():
@@ -97,6 +124,8 @@ def test_a_run_forced_into_collapse_fails_with_exit_3_and_no_model(tmp_path, cap
     assert not (out / "model.keras").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["status"] == "collapsed" and len(config["attempts"]) == 2 and config["failure"]
+    # Checked on patches training never saw, ten times as many as it trained on.
+    assert config["attempts"][0]["unseen_patches"] >= [3000, 4000]
 
 
 @pytest.mark.slow
