@@ -184,21 +184,25 @@ def resolve_preprocessing(args, paths):
 # Patches of the P and of the U frames that training never sees, for the
 # collapse check: at a prior of 0.99 U holds 1% aurora, and the check needs
 # many thousand patches to tell a model that finds it from one that does not.
+# At most UNSEEN_BYTES of them each, so that large patches stay affordable.
 UNSEEN_PATCHES = 20_000
+UNSEEN_BYTES = 256 * 2**20
 
 
 def load_patch_sets(args, preprocessing, rng):
     """Patches of the P, U (and N) frames: ``data.PatchSet`` each (N None without --N_dataset).
 
-    P and U also carry ``unseen`` patches (up to ``UNSEEN_PATCHES``, drawn
+    P and U also carry ``unseen`` patches (up to ``UNSEEN_PATCHES`` and
+    ``UNSEEN_BYTES`` of float32, ten times the training draw at most, drawn
     with their own generator, so that the training patches do not depend on
     them).
     """
+    affordable = UNSEEN_BYTES // (4 * 3 * args.patch_size ** 2)
     field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
                      if args.field_of_view else None)
 
     def patches(folders, total, label, stream=None):
-        unseen = 0 if stream is None else min(UNSEEN_PATCHES, 10 * total)
+        unseen = 0 if stream is None else min(UNSEEN_PATCHES, affordable, 10 * total)
         return data.frame_patches(frame_files(folders, args.recursive), args.patch_size, total, rng, preprocessing,
                                   field_of_view, quiet=args.quiet, desc=f"{label} patches", unseen=unseen,
                                   unseen_rng=None if stream is None else np.random.default_rng([args.seed, stream]))

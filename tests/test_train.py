@@ -217,3 +217,14 @@ def test_cli_runs_as_a_script(folders, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *base_args(folders, tmp_path, "--prior", "2")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_unseen_patches_are_ten_times_the_draw_within_their_memory_cap(folders, tmp_path, monkeypatch):
+    args = train.build_parser().parse_args(base_args(folders, tmp_path / "out"))
+    preprocessing = train.resolve_preprocessing(args, train.frame_files([args.U_dataset], False))
+    P, U, N = train.load_patch_sets(args, preprocessing, np.random.default_rng(0))
+    assert N is None and len(P.unseen) >= 2000 and len(U.unseen) >= 4000
+    # Room for 500 16x16 patches only: the unseen draw shrinks, the training draw does not.
+    monkeypatch.setattr(train, "UNSEEN_BYTES", 500 * 4 * 3 * 16 * 16)
+    P, U, _ = train.load_patch_sets(args, preprocessing, np.random.default_rng(0))
+    assert 500 <= len(U.unseen) < 510 and len(U.patches) == 400
