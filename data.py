@@ -1672,8 +1672,9 @@ class PatchSet(NamedTuple):
     ``frame_of`` (n,) int the frame of each patch, ``centres`` (n, 2) int its centre (row, col)
     in that frame, ``names`` the frames' names in reading order, ``conditions`` (frames, 7) their
     ``sky_conditions``, ``skyless`` the names of frames in which no fisheye border was found, and
-    ``unseen`` (m, p, p, 3) float32 or None, more patches of the same frames drawn separately,
-    kept out of training to check the trained model on patches it never saw."""
+    ``unseen`` (m, p, p, 3) float32 or None, more patches of the same frames drawn separately
+    (other random positions, which may overlap the first ones), to check a model trained on
+    ``patches`` on patches apart from them."""
 
     patches: np.ndarray
     frame_of: np.ndarray
@@ -1706,7 +1707,7 @@ def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=No
     desc : str
         Progress bar label.
     unseen : int
-        About this many more patches, spread over the frames the same way
+        At most this many more patches, spread over the frames the same way
         and drawn with ``unseen_rng``, so that ``rng``'s draws, and with them
         the training patches, are the same with or without them.
     unseen_rng : numpy.random.Generator, optional
@@ -1767,8 +1768,10 @@ def frame_patches(paths, patch_size, total, rng, preprocessing, field_of_view=No
     if len(patches) > total:
         keep = np.sort(rng.choice(len(patches), total, replace=False))
         patches, frame_of, centres = patches[keep], frame_of[keep], centres[keep]
-    return PatchSet(patches, frame_of, centres, names, np.stack(conditions), skyless,
-                    np.concatenate(extra) if extra else None)
+    extra = np.concatenate(extra) if extra else None
+    if extra is not None and len(extra) > unseen:
+        extra = extra[np.sort(unseen_rng.choice(len(extra), unseen, replace=False))]
+    return PatchSet(patches, frame_of, centres, names, np.stack(conditions), skyless, extra)
 
 
 def _usable(frame):

@@ -227,4 +227,4 @@ def test_unseen_patches_are_ten_times_the_draw_within_their_memory_cap(folders, 
     # Room for 500 16x16 patches only: the unseen draw shrinks, the training draw does not.
     monkeypatch.setattr(train, "UNSEEN_BYTES", 500 * 4 * 3 * 16 * 16)
     P, U, _ = train.load_patch_sets(args, preprocessing, np.random.default_rng(0))
-    assert 500 <= len(U.unseen) < 510 and len(U.patches) == 400
+    assert len(U.unseen) == 500 and len(P.unseen) == 500 and len(U.patches) == 400
