@@ -522,6 +522,10 @@ def fit_model(args, prior, P_train, U_train, N_train, P_val, U_val, seed, backup
     return model, history.history
 
 
+# Above this standard error of the share of aurora found, `collapse` makes no claim.
+MAX_CHECK_ERROR = 0.2
+
+
 def collapse(prior, u_aurora, p_aurora, n_u, n_p):
     """Why a trained model is useless, or None: it finds (almost) no aurora, or calls (almost) everything aurora.
 
@@ -573,9 +577,6 @@ def collapse(prior, u_aurora, p_aurora, n_u, n_p):
                 f"aurora: it has collapsed to 'aurora everywhere'")
     return None
 
-
-# Above this standard error of the share of aurora found, `collapse` makes no claim.
-MAX_CHECK_ERROR = 0.2
 
 # The share of held-out P (aurora-free) patches the model may call aurora.
 FALSE_ALARM = 0.02
