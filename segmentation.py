@@ -37,9 +37,9 @@ and pixels outside the sky are background in the mask.
 A patch is aurora when aurora lies anywhere in it, so ``P(aurora) >
 --threshold`` draws the mask up to half a patch past bright aurora. With
 ``--refine`` (the default) the boundary is then moved onto the aurora's edge
-in the image by a random walker between confident seeds (``refine_mask``):
-on 16 held-out generator frames the mean IoU rose from 0.869 to 0.932 (see
-"Quality" in the README). The probability map is the model's, unrefined.
+in the image by a random walker between confident seeds (``refine_mask``),
+and near that boundary the probability map holds the walker's probability
+that the pixel itself is aurora; elsewhere it is the model's.
 
 Usage::
 

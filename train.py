@@ -7,7 +7,8 @@ frame only, normalized so that the sky's brightness, colour and glow do not
 matter: ``data.prepare_frame``), estimates the class prior, fits a ResNet18
 (or a small CNN) with the non-negative PU risk of Kiryo et al. (2017),
 weighted so that rare aurora counts (Su et al. 2021), checks that the model
-did not collapse to "no aurora anywhere" or "aurora everywhere", and writes
+did not collapse to "no aurora anywhere" or "aurora everywhere", scales its
+logit so that P(aurora) is calibrated (``calibration_scale``), and writes
 into ``--save_dir``:
 
 * ``model.keras``  the trained model, stock Keras layers only: it loads with
@@ -602,10 +603,48 @@ def decision_offset(u_logits, p_logits, prior):
     return threshold
 
 
-def fold_offset(model, offset):
-    """Subtract ``offset`` from the model's logit by moving the bias of its last Dense layer."""
+# Bounds of the calibration scale: a model whose logits want more than this
+# stretch or shrink is not fixed by a scale (``calibration_scale``).
+SCALE_BOUNDS = (0.1, 10.0)
+
+
+def calibration_scale(u_logits, p_logits, prior):
+    """The factor ``s`` that makes ``sigmoid(-s * logit)`` a calibrated P(aurora) in U, from P and U alone.
+
+    With labels, temperature scaling minimizes the log loss on held-out
+    data. Without them, the log loss of ``s * logit`` is estimated from P
+    and U with the logistic loss ``l`` as training estimates its risk,
+    non-negative (Kiryo et al. 2017):
+
+        R(s) = prior * mean_P l(s g) + max(0, mean_U l(-s g) - prior * mean_P l(-s g)),
+
+    and its minimizer within ``SCALE_BOUNDS`` is returned. Without the
+    ``max`` (the unbiased risk of du Plessis et al. 2015), a model surer of
+    the P frames' patches, which it trained on, than of U's background
+    drives the negative part below zero and ``s`` to its bound. The logits
+    are those of the decision (after ``decision_offset``), so scaling them
+    leaves every decision, and the mask at P(aurora) = 0.5, as it was.
+    ``prior`` is the share of background among U patches; the probability
+    calibrated is that the patch holds aurora, at U's rate.
+    """
+    from scipy.optimize import minimize_scalar
+
+    u_logits, p_logits = np.asarray(u_logits, np.float64), np.asarray(p_logits, np.float64)
+
+    def risk(log_scale):
+        scale = math.exp(log_scale)
+        positive = prior * np.mean(np.logaddexp(0.0, -scale * p_logits))
+        negative = np.mean(np.logaddexp(0.0, scale * u_logits)) - prior * np.mean(np.logaddexp(0.0, scale * p_logits))
+        return float(positive + max(negative, 0.0))
+
+    low, high = np.log(SCALE_BOUNDS)
+    return float(math.exp(minimize_scalar(risk, bounds=(low, high), method="bounded").x))
+
+
+def fold_offset(model, offset, scale=1.0):
+    """Make the model's logit ``scale * (logit - offset)`` by moving the weights of its last Dense layer."""
     weights, bias = model.layers[-1].get_weights()
-    model.layers[-1].set_weights([weights, bias - np.float32(offset)])
+    model.layers[-1].set_weights([weights * np.float32(scale), (bias - np.float32(offset)) * np.float32(scale)])
 
 
 def p_coverage(P, U, factor=3.0):
@@ -689,10 +728,12 @@ def fit_until_useful(args, prior, P, U, N, p_train, p_val, u_train, u_val, backu
         offset = decision_offset(u_logits, p_val_logits, prior) if N is None else 0.0
         u_aurora = float(np.mean(u_logits < offset))
         p_aurora = float(np.mean(p_val_logits < offset)) if len(p_val) else None
-        unseen_u = float(np.mean(data.predict_logits(model, U.unseen) < offset))
-        unseen_p = float(np.mean(data.predict_logits(model, P.unseen) < offset))
+        unseen_u_logits = data.predict_logits(model, U.unseen) - offset
+        unseen_p_logits = data.predict_logits(model, P.unseen) - offset
+        unseen_u, unseen_p = float(np.mean(unseen_u_logits < 0)), float(np.mean(unseen_p_logits < 0))
         failure = collapse(prior, unseen_u, unseen_p, len(U.unseen), len(P.unseen))
         attempts.append({"seed": seed, "U_fraction_aurora": u_aurora, "decision_offset": offset,
+                         "calibration_scale": calibration_scale(unseen_u_logits, unseen_p_logits, prior),
                          "heldout_P_fraction_aurora": p_aurora, "unseen_U_fraction_aurora": unseen_u,
                          "unseen_P_fraction_aurora": unseen_p, "unseen_patches": [len(P.unseen), len(U.unseen)],
                          "collapsed": failure})
@@ -734,7 +775,7 @@ def train(args):
 
     model, history, attempts, failure, (u_logits, p_val_logits) = fit_until_useful(
         args, prior, P, U, N, p_train, p_val, u_train, u_val, save_dir / "backup")
-    offset = attempts[-1]["decision_offset"]
+    offset, scale = attempts[-1]["decision_offset"], attempts[-1]["calibration_scale"]
     final_risk = None
     if len(p_val) and len(u_val):
         from PULoss import pu_zero_one_risk
@@ -764,6 +805,7 @@ def train(args):
         "unseen_U_fraction_aurora": attempts[-1]["unseen_U_fraction_aurora"],
         "unseen_P_fraction_aurora": attempts[-1]["unseen_P_fraction_aurora"],
         "decision_offset": offset,
+        "calibration_scale": scale,
         "U_frames_unlike_P": p_coverage(P, U),
         "frames_without_border": {"P": P.skyless, "U": U.skyless},
         "versions": {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
@@ -772,8 +814,8 @@ def train(args):
     (save_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     if (save_dir / "history.csv").exists():
         plot_history(save_dir / "history.csv", save_dir / "loss.png")
-    plot_predictions(p_val_logits - offset, (u_logits[u_val] if len(u_val) else u_logits) - offset,
-                     save_dir / "prediction.png")
+    u_shown = u_logits[u_val] if len(u_val) else u_logits
+    plot_predictions(scale * (p_val_logits - offset), scale * (u_shown - offset), save_dir / "prediction.png")
     if failure:
         raise TrainingFailed(f"{failure} in {len(attempts)} attempt(s); no model.keras was written "
                              f"(see {save_dir / 'config.json'}). Check that P holds no aurora and that --prior "
@@ -781,7 +823,7 @@ def train(args):
     # The saved model is an uncompiled copy: stock layers only, no project module needed.
     inference_model = MODELS[args.model](args.patch_size)
     inference_model.set_weights(model.get_weights())
-    fold_offset(inference_model, offset)
+    fold_offset(inference_model, offset, scale)
     data.save_model(inference_model, save_dir / "model.keras", preprocessing)
     return config
 

@@ -67,12 +67,39 @@ def test_decision_offset_matches_the_prior_unless_p_would_be_called_aurora():
     assert np.mean(mixed_p - offset < 0) == pytest.approx(train.FALSE_ALARM, abs=0.01)
 
 
-def test_offset_is_folded_into_the_last_bias():
+def test_offset_and_scale_are_folded_into_the_last_layer():
     model = train.build_cnn(8)
     patches = np.random.default_rng(0).random((5, 8, 8, 3)).astype("float32")
     before = data.predict_logits(model, patches)
     train.fold_offset(model, 1.5)
     np.testing.assert_allclose(data.predict_logits(model, patches), before - 1.5, atol=1e-5)
+    train.fold_offset(model, 0.0, 2.5)
+    np.testing.assert_allclose(data.predict_logits(model, patches), 2.5 * (before - 1.5), atol=1e-4)
+
+
+@pytest.mark.parametrize("prior", [0.6, 0.95])
+def test_calibration_scale_recovers_the_posterior_from_p_and_u_alone(prior):
+    # Background logits ~ N(m, 1), aurora ~ N(-m, 1): in U the posterior's
+    # logit is 2 m x + log(prior / (1 - prior)), so once x is shifted to
+    # where that is 0, the calibrated scale is 2 m.
+    rng, m = np.random.default_rng(0), 1.5
+    shift = -np.log(prior / (1 - prior)) / (2 * m)
+    n_background = int(prior * 200_000)
+    u = np.concatenate([rng.normal(m, 1, n_background), rng.normal(-m, 1, 200_000 - n_background)]) - shift
+    p = rng.normal(m, 1, 200_000) - shift
+    assert train.calibration_scale(u / 2, p / 2, prior) == pytest.approx(2 * 2 * m, rel=0.05)
+    assert train.calibration_scale(u * 2, p * 2, prior) == pytest.approx(2 * m / 2, rel=0.05)
+
+
+def test_calibration_scale_stays_finite_when_p_is_surer_than_u_background():
+    # P's patches (the frames training saw) sit further on the background
+    # side than U's background: the unbiased risk then falls without end as
+    # the scale grows; the non-negative one does not.
+    rng, prior = np.random.default_rng(1), 0.5
+    u = np.concatenate([rng.normal(1.0, 1, 50_000), rng.normal(-2.0, 1, 50_000)])
+    p = rng.normal(2.5, 1.2, 100_000)  # 2% of P on the aurora side, as decision_offset allows
+    scale = train.calibration_scale(u, p, prior)
+    assert train.SCALE_BOUNDS[0] < scale < 0.5 * train.SCALE_BOUNDS[1]
 
 
 def frame_set(specs, size=128):
