@@ -625,7 +625,10 @@ def calibration_scale(u_logits, p_logits, prior):
     are those of the decision (after ``decision_offset``), so scaling them
     leaves every decision, and the mask at P(aurora) = 0.5, as it was.
     ``prior`` is the share of background among U patches; the probability
-    calibrated is that the patch holds aurora, at U's rate.
+    calibrated is that the patch holds aurora, at U's rate. A minimizer at
+    the upper bound means the patches separate perfectly (as when each
+    frame is one patch, so the unseen patches are the training ones): the
+    fit then cannot tell, and 1.0 (the logit as trained) is returned.
     """
     from scipy.optimize import minimize_scalar
 
@@ -638,7 +641,8 @@ def calibration_scale(u_logits, p_logits, prior):
         return float(positive + max(negative, 0.0))
 
     low, high = np.log(SCALE_BOUNDS)
-    return float(math.exp(minimize_scalar(risk, bounds=(low, high), method="bounded").x))
+    fitted = float(minimize_scalar(risk, bounds=(low, high), method="bounded").x)
+    return 1.0 if fitted > high - 0.01 else math.exp(fitted)
 
 
 def fold_offset(model, offset, scale=1.0):

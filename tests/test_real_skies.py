@@ -102,6 +102,12 @@ def test_calibration_scale_stays_finite_when_p_is_surer_than_u_background():
     assert train.SCALE_BOUNDS[0] < scale < 0.5 * train.SCALE_BOUNDS[1]
 
 
+def test_calibration_scale_leaves_the_logit_as_trained_when_p_and_u_separate_perfectly():
+    u = np.concatenate([np.linspace(1, 3, 40), np.linspace(-4, -1, 60)])
+    p = np.linspace(1, 3, 40)
+    assert train.calibration_scale(u, p, 0.4) == 1.0
+
+
 def frame_set(specs, size=128):
     """A PatchSet holding only the names and sky conditions of generator frames drawn with ``specs``."""
     preprocessing = {"normalize": "background", "camera_range": [0.0, 255.0], "full_scale": 255.0}
