@@ -632,6 +632,8 @@ def calibration_scale(u_logits, p_logits, prior):
     """
     from scipy.optimize import minimize_scalar
 
+    # PULoss.pu_risk holds the same risk in keras.ops, but in float32 its
+    # value underflows to a flat zero at large scales and hides the bound.
     u_logits, p_logits = np.asarray(u_logits, np.float64), np.asarray(p_logits, np.float64)
 
     def risk(log_scale):
