@@ -2,7 +2,7 @@
 
     python tests/evaluate_quality.py                       # everything but the prior grid (about 90 minutes, 2 cores)
     python tests/evaluate_quality.py --only held_out rare  # some sets
-    python tests/evaluate_quality.py --only prior_grid     # real patches, 5 seeds x 5 priors (about 40 minutes)
+    python tests/evaluate_quality.py --only prior_grid     # real patches, 5 seeds x 5 priors (several hours)
 
 Every training and segmentation runs through the command-line tools, as a
 user runs them, with their defaults unless the set says otherwise, and
