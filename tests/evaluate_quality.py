@@ -1,6 +1,6 @@
 """Measure segmentation quality on data the method was not tuned on; print tables, write figures.
 
-    python tests/evaluate_quality.py                       # everything but the prior grid (about 90 minutes, 2 cores)
+    python tests/evaluate_quality.py                       # everything but the prior grid (hours on 2 cores)
     python tests/evaluate_quality.py --only held_out rare  # some sets
     python tests/evaluate_quality.py --only prior_grid     # real patches, 5 seeds x 5 priors (several hours)
 
