@@ -261,12 +261,17 @@ def checkerboard_folds(patch_set, patch_size):
     was trained on, or it scores them by memory: neighbouring random
     patches of a frame overlap heavily. Splitting each frame on a
     checkerboard keeps them apart (up to the squares' borders) and puts
-    every frame, aurora frames included, on both sides. Images no larger
-    than a patch, one patch each, are dealt out one by one instead.
+    every frame, aurora frames included, on both sides. Images too small
+    for two squares (a patch-sized image gives one patch, drawn many times)
+    are dealt out whole, every draw of a frame to one fold: a copy on
+    each side would be scored by memory, which made U's background look
+    unlike P and the prior estimate low.
     """
     square = 2 * patch_size
     rows, cols = patch_set.centres[:, 0] // square, patch_set.centres[:, 1] // square
     folds = (rows + cols) % 2
+    if folds.min() == folds.max():
+        folds = np.asarray(patch_set.frame_of) % 2
     if folds.min() == folds.max():
         folds = np.arange(len(folds)) % 2
     return folds

@@ -131,9 +131,16 @@ def test_checkerboard_folds_keep_held_out_patches_apart_and_every_frame_on_both_
         squares = set(map(tuple, centres[folds == fold] // 32))
         other = set(map(tuple, centres[folds != fold] // 32))
         assert not squares & other
-    # Patch-sized images (one patch each, all centred alike) are dealt out instead.
-    alike = data.PatchSet(None, np.arange(6), np.full((6, 2), 16), list("abcdef"), None, [])
-    assert sorted(train.checkerboard_folds(alike, 32)) == [0, 0, 0, 1, 1, 1]
+    # Patch-sized images (one patch each, all centred alike) are dealt out whole instead:
+    # the draws of one frame (here three of each) all go to one fold, half the frames to each.
+    frame_of = np.repeat(np.arange(6), 3)
+    alike = data.PatchSet(None, frame_of, np.full((18, 2), 16), list("abcdef"), None, [])
+    folds = train.checkerboard_folds(alike, 32)
+    assert all(len(set(folds[frame_of == frame])) == 1 for frame in range(6))
+    assert sorted(folds) == [0] * 9 + [1] * 9
+    # A single such image still gets two folds.
+    single = data.PatchSet(None, np.zeros(4, int), np.full((4, 2), 16), ["a"], None, [])
+    assert sorted(train.checkerboard_folds(single, 32)) == [0, 0, 1, 1]
 
 
 # ------------------------------------------------------------ through train.py
