@@ -658,6 +658,22 @@ def fold_offset(model, offset, scale=1.0):
     model.layers[-1].set_weights([weights * np.float32(scale), (bias - np.float32(offset)) * np.float32(scale)])
 
 
+# Aurora in fewer than 3% of U's patches: on synthetic nights this rare the
+# ResNet18 learns the few aurora frames of U rather than aurora, and misses
+# it in new frames, where the small CNN finds it (docs/measurements.md,
+# "Rare aurora and the network").
+RARE_PRIOR = 0.97
+
+
+def rare_aurora_note(prior, model):
+    """A line for the user when aurora is too rare in U for ``model`` to have learnt it well, else None."""
+    if model != "ResNet18" or prior < RARE_PRIOR:
+        return None
+    return (f"aurora is rare in U (prior {prior:.3f}: {1 - prior:.1%} of its patches); on synthetic nights this rare "
+            f"the ResNet18 missed most of the aurora in new frames and --model CNN found most of it: train with "
+            f"--model CNN as well and compare the masks")
+
+
 def p_coverage(P, U, factor=3.0):
     """U frames whose sky is unlike every P frame (``data.sky_conditions``), which P should then include.
 
@@ -818,6 +834,7 @@ def train(args):
         "decision_offset": offset,
         "calibration_scale": scale,
         "U_frames_unlike_P": p_coverage(P, U),
+        "rare_aurora_note": rare_aurora_note(prior, args.model),
         "frames_without_border": {"P": P.skyless, "U": U.skyless},
         "versions": {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
                      **({"tensorflow": _tensorflow_version()} if keras.backend.backend() == "tensorflow" else {})},
@@ -966,7 +983,8 @@ def build_parser():
 
     model = parser.add_argument_group("model and training (advanced)")
     model.add_argument("--model", choices=sorted(MODELS), default="ResNet18",
-                       help="network: ResNet18, or CNN (small and fast) (default: %(default)s)")
+                       help="network: ResNet18, or CNN (small and fast; try it when aurora is rare in U, a prior "
+                            f"above {RARE_PRIOR}) (default: %(default)s)")
     model.add_argument("--patch_size", type=data.positive_int, default=16,
                        help="patch side in pixels; the mask is as sharp as half a patch (default: %(default)s)")
     model.add_argument("--epochs", type=data.positive_int, default=24,
@@ -1126,6 +1144,8 @@ def main(argv=None):
         print(f"train.py: warning: {len(names)} U frame(s) have a sky unlike every P frame ({', '.join(names[:5])}"
               f"{', ...' if len(names) > 5 else ''}): add aurora-free frames like them to --P_dataset if their "
               f"masks follow the sky", file=sys.stderr)
+    if config["rare_aurora_note"]:
+        print(f"train.py: note: {config['rare_aurora_note']}", file=sys.stderr)
     return 0
 
 

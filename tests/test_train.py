@@ -78,6 +78,7 @@ def test_config_records_the_resolved_settings(trained, folders):
     assert config["P_frames"] == 6 and config["U_frames"] == 8
     assert config["P_patches"] == [180, 20] and config["U_patches"] == [360, 40]
     assert config["epochs_run"] == 2 and config["status"] == "ok" and config["failure"] is None
+    assert config["rare_aurora_note"] is None  # a CNN, and aurora in about a third of U
     import keras
 
     assert config["backend"] == keras.backend.backend() and config["device"] in ("CPU", "GPU")
@@ -228,3 +229,23 @@ def test_unseen_patches_are_ten_times_the_draw_within_their_memory_cap(folders, 
     monkeypatch.setattr(train, "UNSEEN_BYTES", 500 * 4 * 3 * 16 * 16)
     P, U, _ = train.load_patch_sets(args, preprocessing, np.random.default_rng(0))
     assert len(U.unseen) == 500 and len(P.unseen) == 500 and len(U.patches) == 400
+
+
+def test_rare_aurora_note_points_resnet18_at_the_cnn_only_when_aurora_is_rare():
+    note = train.rare_aurora_note(0.98, "ResNet18")
+    assert "prior 0.980" in note and "2.0% of its patches" in note and "--model CNN" in note
+    assert train.rare_aurora_note(train.RARE_PRIOR - 0.01, "ResNet18") is None
+    assert train.rare_aurora_note(0.99, "CNN") is None
+
+
+def test_the_rare_aurora_note_reaches_stderr_even_with_quiet(folders, tmp_path, capsys, monkeypatch):
+    def fake_train(args):
+        return {"frames_without_border": {"P": [], "U": []}, "U_frames_unlike_P": [],
+                "rare_aurora_note": train.rare_aurora_note(0.985, args.model)}
+
+    monkeypatch.setattr(train, "train", fake_train)
+    assert train.main(base_args(folders, tmp_path / "a")) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: note: aurora is rare in U (prior 0.985")
+    assert train.main(base_args(folders, tmp_path / "b", "--model", "CNN")) == 0
+    assert capsys.readouterr().err == ""
