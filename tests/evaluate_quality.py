@@ -90,10 +90,14 @@ def run(script, *arguments, check=True):
     return time.time() - started, result.returncode, result.stdout + result.stderr
 
 
+# train.py flags every training of the run adds (--model: main()).
+TRAIN_FLAGS = []
+
+
 def train_model(folder, P, U, seed, *extra):
     """train.py on folders P and U into ``folder``; returns (config or None when training failed, seconds)."""
     seconds, code, output = run("train.py", "--P_dataset", P, "--U_dataset", U, "--save_dir", folder, "--seed",
-                                seed, "--quiet", *extra, check=False)
+                                seed, "--quiet", *extra, *TRAIN_FLAGS, check=False)
     if code == 2 and "look alike" in output:
         # A stop a user would see on these frames (no aurora found): a failed run, not a broken evaluation.
         print(f"evaluate_quality.py: {folder}: {output.strip().splitlines()[-1]}", flush=True)
@@ -250,7 +254,7 @@ def held_out(work, seeds, out):
         shipped = segment(model_dir / "model.keras", "dataset/Unlabelled", "dataset/masks", work / f"shipped_{seed}")
         results.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows),
                         "ece": ece, "reliability": table, "shipped": scores(shipped)})
-        reliability_figure(table, out / f"reliability_seed{seed}.png",
+        reliability_figure(table, out / f"reliability_seed{seed}{'_' + TRAIN_FLAGS[1] if TRAIN_FLAGS else ''}.png",
                            f"held-out synthetic frames, seed {seed}: ECE {ece:.3f}")
     return {"seeds": results, "anchor": anchor_scores(frames, masks)}
 
@@ -527,7 +531,11 @@ def main(argv=None):
                         help="the sets to measure (default: all but prior_grid)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of each set")
     parser.add_argument("--out", default="Results/evaluation", help="folder for results.json and the figures")
+    parser.add_argument("--model", help="train.py's --model for every training (default: train.py's own); the "
+                                        "results go to results.json as '<set> --model <model>'")
     args = parser.parse_args(argv)
+    TRAIN_FLAGS[:] = ["--model", args.model] if args.model else []
+    suffix = f" --model {args.model}" if args.model else ""
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
@@ -537,10 +545,12 @@ def main(argv=None):
                 print(f"evaluate_quality.py: {REAL_PATCHES} not found; {name} skipped")
                 continue
             started = time.time()
-            results[name] = globals()[name](Path(tmp), args.seeds, out)
-            results[name]["minutes"] = round((time.time() - started) / 60, 1)
+            key = name + suffix
+            results[key] = globals()[name](Path(tmp), args.seeds, out)
+            results[key]["minutes"] = round((time.time() - started) / 60, 1)
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-            print("\n".join(summarize(name, results[name])) + f"  [{results[name]['minutes']} min]", flush=True)
+            lines = ([f"{key}:"] if suffix else []) + summarize(name, results[key])
+            print("\n".join(lines) + f"  [{results[key]['minutes']} min]", flush=True)
 
 
 if __name__ == "__main__":
