@@ -983,8 +983,8 @@ def build_parser():
 
     model = parser.add_argument_group("model and training (advanced)")
     model.add_argument("--model", choices=sorted(MODELS), default="ResNet18",
-                       help="network: ResNet18, or CNN (small and fast; try it when aurora is rare in U, a prior "
-                            f"above {RARE_PRIOR}) (default: %(default)s)")
+                       help="network: ResNet18, or CNN (small and fast; try it when aurora is rare in U, a prior of "
+                            f"{RARE_PRIOR} or more) (default: %(default)s)")
     model.add_argument("--patch_size", type=data.positive_int, default=16,
                        help="patch side in pixels; the mask is as sharp as half a patch (default: %(default)s)")
     model.add_argument("--epochs", type=data.positive_int, default=24,
