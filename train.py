@@ -659,8 +659,8 @@ def fold_offset(model, offset, scale=1.0):
 
 
 # Aurora in fewer than 3% of U's patches: on synthetic nights this rare the
-# ResNet18 learns the few aurora frames of U rather than aurora, and misses
-# it in new frames, where the small CNN finds it (docs/measurements.md,
+# ResNet18 seems to learn U's few aurora frames rather than aurora, and
+# misses it in new frames, where the small CNN finds it (docs/measurements.md,
 # "Rare aurora and the network").
 RARE_PRIOR = 0.97
 
