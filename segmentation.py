@@ -36,10 +36,12 @@ and pixels outside the sky are background in the mask.
 
 A patch is aurora when aurora lies anywhere in it, so ``P(aurora) >
 --threshold`` draws the mask up to half a patch past bright aurora. With
-``--refine`` (the default) the boundary is then moved onto the aurora's edge
-in the image by a random walker between confident seeds (``refine_mask``),
-and near that boundary the probability map holds the walker's probability
-that the pixel itself is aurora; elsewhere it is the model's.
+``--refine`` (the default) the probability map holds each pixel's own
+P(aurora): the model's for its patch times the probability that the pixel's
+excess over the sky is aurora's (``pixel_mask``), and the mask is where that
+exceeds ``--threshold``, in parts that hold a clear detection. (Models that
+see the frame itself, ``normalize`` "none", have no excess: a random walker
+moves their boundary onto the edge in the image, ``refine_mask``.)
 
 Usage::
 
@@ -127,13 +129,18 @@ REFINE_EDGE_WEIGHT = 600.0
 # The random walker builds a graph of every pixel it is given, so frames are
 # solved in tiles of this side (plus a margin) to bound memory.
 REFINE_TILE = 512
-# Seeds from the excess over the sky (refine_mask, in noise levels of a
-# pixel): a pixel of the model's mask is surely aurora above half its
-# region's median excess and at least REFINE_AURORA_EXCESS; a pixel below
-# REFINE_SKY_EXCESS is surely sky. The sky's own excess is about 0.7 (the
+# The pixel's own P(aurora) for models that see the excess over the sky
+# (``pixel_mask``, in noise levels of a pixel after REFINE_SMOOTHING): given
+# aurora in its patch, a pixel is aurora along a logistic of its excess,
+# one half at PIXEL_EDGE_EXCESS, rising over PIXEL_EDGE_WIDTH; a part of the
+# mask stays only when a pixel of it stands out by PIXEL_SEED_EXCESS (a
+# detection, not a noise peak). The sky's own excess is about 0.7 (the
 # background is a lower envelope) give or take 0.35 after the smoothing.
-REFINE_AURORA_EXCESS = 3.0
-REFINE_SKY_EXCESS = 2.0
+# Chosen on the 24 generator frames above and the shipped frames, with true
+# patch labels and with a model's (docs/measurements.md, "The pixel step").
+PIXEL_EDGE_EXCESS = 4.0
+PIXEL_EDGE_WIDTH = 1.0
+PIXEL_SEED_EXCESS = 8.0
 
 # Opacity of the colour filter in the overlay (the seed's "superimposed").
 OVERLAY_ALPHA = 0.4
@@ -638,8 +645,7 @@ def aurora_probability(logits):
 # ---------------------------------------------------------------------------
 
 
-def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255, excess=None,
-                return_probability=False):
+def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255, return_probability=False):
     """Move the mask boundary onto the aurora's visible edge with a random walker.
 
     The model calls a patch aurora when aurora lies anywhere in it, so the
@@ -650,18 +656,11 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255,
     brightness steps easily and large ones hardly at all, so the boundary
     lands where the brightness changes most. The image is smoothed
     (``REFINE_SMOOTHING``) and log-transformed (``REFINE_DARK_FRACTION``)
-    first.
-
-    Seeds, with ``excess`` (the frame's excess over its sky background in
-    noise units, ``excess_map``): aurora where the mask's pixel stands out
-    by more than half its connected part's peak excess (its 95th
-    percentile; and at least
-    ``REFINE_AURORA_EXCESS``); background where the excess is below
-    ``REFINE_SKY_EXCESS`` or beyond ``patch_size // 2`` of the mask. Pixels
-    outside the sky take no part. A part of the mask with no aurora seed (nothing in it
-    brighter than the sky's noise) is dropped. Without ``excess`` (models
-    that see the frame itself): aurora deep inside the mask (eroded by
-    ``patch_size // 3``), background beyond ``patch_size // 2`` of it.
+    first. Seeds: aurora deep inside the mask (eroded by ``patch_size //
+    3``), background beyond ``patch_size // 2`` of it; pixels outside the
+    sky take no part. This is the refinement of models that see the frame
+    itself (``normalize`` "none"); models that see the excess over the sky
+    use ``pixel_mask``, which measured better (docs/measurements.md).
 
     Parameters
     ----------
@@ -678,8 +677,6 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255,
         Side of the tiles the random walker solves, in pixels (>= 1).
     quantum : float
         One count of the frame in ``image`` units (``data.Prepared``).
-    excess : ndarray of shape (rows, cols), float32, optional
-        From ``excess_map``.
     return_probability : bool
         Also return the pixels' probability of aurora.
 
@@ -695,8 +692,8 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255,
     Notes
     -----
     Where the refinement has nothing to decide between, the model's mask
-    stays: without ``excess``, a connected part of the mask too thin to keep
-    a seed after the erosion; and pixels whose tile (with its margin) holds
+    stays: a connected part of the mask too thin to keep a seed after the
+    erosion, and pixels whose tile (with its margin) holds
     only one kind of seed or that no seed reaches. Tiles are solved with a
     margin of ``2 * patch_size`` pixels of context, and only tiles that hold
     undecided pixels are solved. Memory: a few float64 copies of a tile, and
@@ -727,22 +724,12 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255,
     # frame's extra memory to bool arrays (float64 distances were 130 MB each).
     near = ndimage.binary_dilation(mask, disk(max(1, patch_size // 2)))
     components, count = ndimage.label(mask)
-    if excess is not None:
-        # Half of each part's peak (its 95th percentile): the part's own
-        # half maximum, so that faint and bright aurora get their own edge.
-        peaks = ndimage.labeled_comprehension(excess, components, np.arange(1, count + 1),
-                                              lambda values: np.percentile(values, 95), np.float32, 0.0)
-        floor = np.concatenate([[np.inf], np.maximum(0.5 * np.asarray(peaks), REFINE_AURORA_EXCESS)])
-        inner = mask & (excess > floor[components])
-        outer = ~near | (excess < REFINE_SKY_EXCESS)
-    else:
-        # border_value=1: aurora reaching the frame's edge keeps its seeds there.
-        inner = ndimage.binary_erosion(mask, disk(max(1, patch_size // 3)), border_value=1)
-        outer = ~near
+    # border_value=1: aurora reaching the frame's edge keeps its seeds there.
+    inner = ndimage.binary_erosion(mask, disk(max(1, patch_size // 3)), border_value=1)
+    outer = ~near
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[components[inner]] = True
-    kept = mask if excess is None else mask & seeded[components]
-    thin = kept & ~seeded[components] if excess is None else np.zeros_like(mask)
+    thin = mask & ~seeded[components]
     del components
     labels = np.zeros(mask.shape, dtype=np.int8)
     labels[outer] = background_seed
@@ -752,13 +739,9 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255,
     labels[~sky] = -1
     unknown = labels == 0
     del inner, outer
-    # Without excess the model's mask stands where the walker does not
-    # decide; with it, the seeds say what every pixel is.
-    refined = kept.copy() if excess is None else (labels == aurora_seed)
+    # The model's mask stands where the walker does not decide.
+    refined = mask.copy()
     if not unknown.any():
-        if excess is not None:
-            refined = (labels == aurora_seed) & sky
-            probability[near] = refined[near]
         return result(refined)
     step = max(1, int(np.sqrt(sky.size / 250_000)))  # a sample of about 250,000 pixels suffices
     sample = image[::step, ::step][sky[::step, ::step]]
@@ -780,9 +763,6 @@ def refine_mask(image, mask, sky, patch_size, tile=REFINE_TILE, quantum=1 / 255,
             inside = (slice(top - crop_top, top - crop_top + tile), slice(left - crop_left, left - crop_left + tile))
             has_aurora, has_sky = (seeds == aurora_seed).any(), (seeds == background_seed).any()
             if not (has_aurora and has_sky):
-                if excess is not None:  # one kind of seed: the undecided pixels are that kind
-                    undecided = unknown[core]
-                    refined[core][undecided] = has_aurora
                 continue
             smoothed = gaussian(image[crop], sigma=REFINE_SMOOTHING, channel_axis=-1, preserve_range=True)
             log_brightness = np.log(smoothed + offset)
@@ -836,6 +816,56 @@ def excess_map(model_input, preprocessing):
     return excess.max(axis=2).astype(np.float32)
 
 
+def pixel_mask(p_aurora, excess, sky, threshold=0.5):
+    """The pixel P(aurora) and mask from the model's patch P(aurora) and the frame's excess over the sky.
+
+    The model's P(aurora) is the probability that aurora lies in the patch
+    centred on a pixel, so its mask runs up to half a patch past the aurora.
+    A pixel's own probability is that times the probability that, given
+    aurora in its patch, the pixel itself is aurora: a logistic of its
+    excess, one half at ``PIXEL_EDGE_EXCESS`` noise levels. The mask is the
+    pixels above ``threshold`` in the connected parts that hold a pixel of
+    ``PIXEL_SEED_EXCESS`` or more; a part without one (the model's call on
+    a patch with nothing in it brighter than noise) is dropped.
+
+    Parameters
+    ----------
+    p_aurora : ndarray of shape (rows, cols), float32
+        The model's P(aurora), interpolated to every pixel (``logit_map``).
+    excess : ndarray of shape (rows, cols), float32
+        The excess over the sky in noise levels (``excess_map``).
+    sky : ndarray of shape (rows, cols), bool
+        Pixels outside it get probability 0 and no mask.
+    threshold : float
+        In (0, 1); a pixel is aurora above it.
+
+    Returns
+    -------
+    probability : ndarray of shape (rows, cols), float32
+        The pixel's P(aurora); at most ``threshold`` in a dropped part, so
+        that the mask is ``probability > threshold`` everywhere.
+    mask : ndarray of shape (rows, cols), bool
+        True = aurora.
+    """
+    from scipy import ndimage
+    from scipy.special import expit
+
+    if p_aurora.shape != sky.shape or excess.shape != sky.shape:
+        raise ValueError(f"Invalid p_aurora or excess: expected shape {sky.shape}, received {p_aurora.shape} and "
+                         f"{excess.shape}")
+    probability = (p_aurora * expit((excess - PIXEL_EDGE_EXCESS) / PIXEL_EDGE_WIDTH)).astype(np.float32)
+    probability[~sky] = 0.0
+    above = probability > threshold
+    parts, count = ndimage.label(above)
+    seeded = np.zeros(count + 1, dtype=bool)
+    seeded[parts[above & (excess >= PIXEL_SEED_EXCESS)]] = True
+    seeded[0] = False
+    mask = seeded[parts]
+    dropped = above & ~mask
+    probability[dropped] = threshold
+    return probability, mask
+
+
 def segment_frame(model, prepared, preprocessing=None, stride=DEFAULT_STRIDE, batch_size=256, threshold=0.5,
                   adaptive=True, fine_stride=DEFAULT_FINE_STRIDE, refine=True):
     """Segment one frame.
@@ -847,7 +877,9 @@ def segment_frame(model, prepared, preprocessing=None, stride=DEFAULT_STRIDE, ba
         The frame as the model was trained (``data.prepare_frame``).
     preprocessing : dict, optional
         The model's (``data.load_model``); with ``normalize`` "background"
-        the refinement takes its seeds from the frame's excess over the sky.
+        the pixel step weighs each pixel's excess over the sky
+        (``pixel_mask``), else a random walker moves the boundary
+        (``refine_mask``).
     stride, batch_size : int
         See ``logit_map``.
     threshold : float
@@ -859,17 +891,19 @@ def segment_frame(model, prepared, preprocessing=None, stride=DEFAULT_STRIDE, ba
     fine_stride : int
         See ``logit_map``.
     refine : bool
-        Move the mask's boundary onto the aurora's edge in the image
-        (``refine_mask``); False keeps ``P(aurora) > threshold``.
+        The pixel step (``finish_mask``): the mask's boundary on the
+        aurora's edge in the image; False keeps the model's ``P(aurora) >
+        threshold``.
 
     Returns
     -------
     p_aurora : ndarray of shape (rows, cols), float32
-        P(aurora) of each sky pixel, 0 outside it: the model's (the
-        probability that aurora lies in the patch centred on the pixel),
-        and near the mask's boundary, with ``refine``, the refinement's
-        probability that the pixel itself is aurora, so that the mask is
-        ``p_aurora > 0.5`` wherever the refinement decided.
+        P(aurora) of each sky pixel, 0 outside it. Without ``refine`` the
+        model's (the probability that aurora lies in the patch centred on
+        the pixel). With it, for models that see the excess over the sky,
+        the probability that the pixel itself is aurora, the mask being
+        ``p_aurora > threshold``; for the others the model's, and the
+        random walker's near the mask's boundary.
     mask : ndarray of shape (rows, cols), bool
         True = aurora; always False outside the sky.
     patches : int
@@ -882,14 +916,22 @@ def segment_frame(model, prepared, preprocessing=None, stride=DEFAULT_STRIDE, ba
     p_aurora[~sky] = 0.0
     mask = p_aurora > threshold
     if refine:
-        mask, p_aurora = finish_mask(prepared, p_aurora, mask, data.patch_size_of(model), preprocessing or {})
+        mask, p_aurora = finish_mask(prepared, p_aurora, mask, data.patch_size_of(model), preprocessing or {},
+                                     threshold)
     return p_aurora, mask, patches
 
 
-def finish_mask(prepared, p_aurora, mask, patch_size, preprocessing):
-    """``refine_mask`` on one prepared frame; returns the refined mask and the pixel P(aurora) (``segment_frame``)."""
+def finish_mask(prepared, p_aurora, mask, patch_size, preprocessing, threshold=0.5):
+    """The pixel mask and P(aurora) of one prepared frame from the model's (``segment_frame``).
+
+    ``pixel_mask`` for models that see the excess over the sky, else
+    ``refine_mask``; returns (mask, p_aurora).
+    """
+    excess = excess_map(prepared.model_input, preprocessing)
+    if excess is not None:
+        p_aurora, mask = pixel_mask(p_aurora, excess, prepared.sky, threshold)
+        return mask, p_aurora
     mask, refined_probability = refine_mask(prepared.image, mask, prepared.sky, patch_size, quantum=prepared.quantum,
-                                            excess=excess_map(prepared.model_input, preprocessing),
                                             return_probability=True)
     decided = np.isfinite(refined_probability)
     p_aurora = np.where(decided, refined_probability, p_aurora).astype(np.float32)
@@ -1692,7 +1734,7 @@ def _finish_frame(args, save_dir, source, frame, prepared, p_aurora, mask, patch
     """Writer task: refine the mask, write the outputs, score, record the frame in the journal."""
     started = time.perf_counter()
     if args.refine:
-        mask, p_aurora = finish_mask(prepared, p_aurora, mask, args.patch_size, args.preprocessing)
+        mask, p_aurora = finish_mask(prepared, p_aurora, mask, args.patch_size, args.preprocessing, args.threshold)
     sky = prepared.sky
     when = data.frame_time(frame)
     title = f"{frame.name}  {format_time(when)}" if when else frame.name
@@ -1862,7 +1904,8 @@ def build_parser():
     advanced.add_argument("--fine_stride", type=data.positive_int, default=DEFAULT_FINE_STRIDE,
                           help="finest stride near the boundary with --adaptive (default: %(default)s)")
     advanced.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
-                          help="move the mask's boundary onto the aurora's edge in the frame (random walker)")
+                          help="the pixel step: each pixel's own P(aurora) from its excess over the sky, and the "
+                               "mask's boundary on the aurora's edge")
     advanced.add_argument("--threshold", type=data.fraction, default=0.5,
                           help="a pixel is aurora when P(aurora) > threshold (default: %(default)s)")
     advanced.add_argument("--batchsize", type=data.positive_int, default=256,

@@ -435,30 +435,67 @@ def excess_of(frame):
     return segmentation.excess_map(normalized, {"normalize": "background"})
 
 
-def test_refine_mask_with_excess_seeds_trims_a_mask_far_too_wide():
+def model_probability(mask, inside=0.95, outside=0.05):
+    """A model's patch P(aurora): ``inside`` on ``mask``, ``outside`` elsewhere."""
+    return np.where(mask, inside, outside).astype(np.float32)
+
+
+def test_pixel_mask_trims_a_mask_far_too_wide():
     # A model mask 12 pixels wider than the disc all round (more than the
-    # erosion of plain seeds undoes): the excess over the sky finds the disc.
+    # erosion of the random walker's seeds undoes): the excess finds the
+    # disc and the faint wing of its glow (a few noise levels a pixel or two
+    # out, so the mask ends within 3 pixels of the disc's half maximum).
     frame, disc = disc_frame(size=256, radius=20)
     sky = np.ones(disc.shape, bool)
     loose = disk_mask(disc, 12, grow=True)
     plain = segmentation.refine_mask(frame, loose, sky, patch_size=16)
-    refined, probability = segmentation.refine_mask(frame, loose, sky, patch_size=16, excess=excess_of(frame),
-                                                    return_probability=True)
-    assert iou_of(refined, disc) > 0.93 > iou_of(plain, disc)
-    decided = np.isfinite(probability)
-    np.testing.assert_array_equal(refined[decided], probability[decided] > 0.5)
-    assert decided[disk_mask(loose, 7, grow=True)].all()  # the band and its seeds near the mask
+    p_model = model_probability(loose)
+    probability, refined = segmentation.pixel_mask(p_model, excess_of(frame), sky)
+    assert refined[disc].all() and not refined[~disk_mask(disc, 3, grow=True)].any()
+    assert iou_of(refined, disc) > 0.75 > 0.5 > iou_of(plain, disc)
+    np.testing.assert_array_equal(refined, probability > 0.5)
+    assert (probability <= p_model + 1e-6).all()  # a pixel is aurora only if its patch is
+    assert np.percentile(probability[~disk_mask(disc, 3, grow=True)], 99) < 0.1  # the sky, noise and all
 
 
-def test_refine_mask_with_excess_drops_a_part_of_the_mask_with_nothing_in_it():
+def test_pixel_mask_drops_a_part_of_the_mask_with_nothing_in_it():
     frame, disc = disc_frame(size=256, radius=16, centre=(60, 60))
     sky = np.ones(disc.shape, bool)
     empty_sky = np.zeros_like(disc)
     empty_sky[160:190, 160:190] = True  # the model's mistake: plain sky
-    refined = segmentation.refine_mask(frame, disk_mask(disc, 4, grow=True) | empty_sky, sky, patch_size=16,
-                                       excess=excess_of(frame))
+    probability, refined = segmentation.pixel_mask(model_probability(disk_mask(disc, 4, grow=True) | empty_sky),
+                                                   excess_of(frame), sky)
     assert not refined[150:200, 150:200].any()
-    assert iou_of(refined, disc) > 0.9
+    assert probability[150:200, 150:200].max() <= 0.5
+    assert refined[disc].all() and not refined[~disk_mask(disc, 3, grow=True)].any()
+
+
+def test_pixel_mask_probability_follows_the_excess():
+    # The excess rises along the columns; the patch certainly holds aurora.
+    excess = np.tile(np.linspace(0.0, 12.0, 121, dtype=np.float32), (20, 1))
+    sky = np.ones(excess.shape, bool)
+    probability, mask = segmentation.pixel_mask(np.ones(excess.shape, np.float32), excess, sky)
+    edge = int(np.argmin(np.abs(excess[0] - segmentation.PIXEL_EDGE_EXCESS)))
+    assert probability[0, edge] == pytest.approx(0.5, abs=1e-6)
+    assert (np.diff(probability[0]) >= 0).all() and probability[0, 0] < 0.02 and probability[0, -1] > 0.99
+    np.testing.assert_array_equal(mask, excess > segmentation.PIXEL_EDGE_EXCESS)
+    # A stricter threshold, a smaller mask; a patch the model doubts, less of it.
+    strict = segmentation.pixel_mask(np.ones(excess.shape, np.float32), excess, sky, 0.9)[1]
+    assert not (strict & ~mask).any() and strict.sum() < mask.sum()
+    assert segmentation.pixel_mask(np.full(excess.shape, 0.7, np.float32), excess, sky)[1].sum() < mask.sum()
+    # Nothing reaches a clear detection: no aurora, and no pixel above the threshold.
+    faint = excess * (0.9 * segmentation.PIXEL_SEED_EXCESS / 12.0)
+    probability, mask = segmentation.pixel_mask(np.ones(excess.shape, np.float32), faint, sky)
+    assert not mask.any() and probability.max() <= 0.5 and probability.max() > 0.4
+    # Outside the sky: nothing.
+    sky[:, 100:] = False
+    probability, mask = segmentation.pixel_mask(np.ones(excess.shape, np.float32), excess, sky)
+    assert not mask[:, 100:].any() and not probability[:, 100:].any() and mask.any()
+
+
+def test_pixel_mask_arguments_are_checked():
+    with pytest.raises(ValueError, match="Invalid p_aurora or excess: expected shape"):
+        segmentation.pixel_mask(np.zeros((4, 5), np.float32), np.zeros((4, 4), np.float32), np.ones((4, 4), bool))
 
 
 def test_refine_mask_arguments_are_checked():
