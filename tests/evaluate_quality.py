@@ -43,6 +43,11 @@ real_patches
 prior_grid
     The same protocol on split 0 with 5 seeds x priors 0.35, 0.38, 0.40,
     0.42, 0.45: how much the result depends on luck and on the prior.
+pixel_step
+    No training: the true patch labels (aurora anywhere in the patch centred
+    on the pixel) given to ``segmentation.finish_mask`` as the model's
+    P(aurora), on the held-out frames and the real backgrounds' U frames:
+    the best IoU the pixel step allows a perfect patch classifier.
 contact_sheet
     Real aurora frames segmented by models trained on aurora-free frames of
     the same camera where ``../shared/real_frames`` has them (TREx RGB, KHO
@@ -74,7 +79,7 @@ SHARED = ROOT.parent / "shared"
 REAL_PATCHES = SHARED / "real_patches"
 REAL_FRAMES = SHARED / "real_frames"
 FIRST_SEED = 900_000
-SETS = ("held_out", "rare", "real_backgrounds", "real_patches", "prior_grid", "contact_sheet")
+SETS = ("held_out", "rare", "real_backgrounds", "real_patches", "prior_grid", "contact_sheet", "pixel_step")
 
 import data  # noqa: E402  (after the path is set)
 
@@ -324,26 +329,32 @@ def real_background_frames(camera):
     return frames[:11], frames[12:]
 
 
+def real_background_set(folder, camera):
+    """Write folder/P, folder/U (every other frame with aurora injected) and folder/U_masks; returns (low, high)."""
+    P_frames, U_frames = real_background_frames(camera)
+    low, high = np.percentile(np.concatenate([f.ravel()[::13] for f in P_frames + U_frames]), [0.5, 99.9])
+    for name in ("P", "U", "U_masks"):
+        (folder / name).mkdir(parents=True)
+    for k, counts in enumerate(P_frames):
+        Image.fromarray(counts.astype(np.uint16)).save(folder / "P" / f"p_{k:02d}.png")
+    rng = np.random.default_rng(7)
+    for k, counts in enumerate(U_frames):
+        image = np.repeat(data.scale_counts(counts, low, high)[..., None], 3, axis=2)
+        sky = data.sky_mask(image)
+        mask = np.zeros(sky.shape, bool)
+        if k % 2:
+            image, mask = inject(image, rng, sky)
+        injected = np.rint(low + image[..., 0] * (high - low)).clip(0, 65535).astype(np.uint16)
+        Image.fromarray(injected).save(folder / "U" / f"u_{k:02d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "U_masks" / f"u_{k:02d}.png")
+    return low, high
+
+
 def real_backgrounds(work, seeds, out):
     results = {}
     for camera in ("themis_gill", "themis_gako"):
         folder = work / camera
-        P_frames, U_frames = real_background_frames(camera)
-        low, high = np.percentile(np.concatenate([f.ravel()[::13] for f in P_frames + U_frames]), [0.5, 99.9])
-        for name in ("P", "U", "U_masks"):
-            (folder / name).mkdir(parents=True)
-        for k, counts in enumerate(P_frames):
-            Image.fromarray(counts.astype(np.uint16)).save(folder / "P" / f"p_{k:02d}.png")
-        rng = np.random.default_rng(7)
-        for k, counts in enumerate(U_frames):
-            image = np.repeat(data.scale_counts(counts, low, high)[..., None], 3, axis=2)
-            sky = data.sky_mask(image)
-            mask = np.zeros(sky.shape, bool)
-            if k % 2:
-                image, mask = inject(image, rng, sky)
-            injected = np.rint(low + image[..., 0] * (high - low)).clip(0, 65535).astype(np.uint16)
-            Image.fromarray(injected).save(folder / "U" / f"u_{k:02d}.png")
-            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "U_masks" / f"u_{k:02d}.png")
+        low, high = real_background_set(folder, camera)
         runs = []
         for seed in seeds:
             config, seconds = train_model(folder / f"model_{seed}", folder / "P", folder / "U", seed)
@@ -358,8 +369,49 @@ def real_backgrounds(work, seeds, out):
         for path in sorted((folder / "U").glob("*.png")):
             counts = np.asarray(Image.open(path)).astype(np.float32)
             Image.fromarray(np.rint(data.scale_counts(counts, low, high) * 255).astype(np.uint8)).save(scaled / path.name)
-        results[camera] = {"P_frames": len(P_frames), "U_frames": len(U_frames), "runs": runs,
+        results[camera] = {"P_frames": len(list((folder / "P").glob("*.png"))),
+                           "U_frames": len(list((folder / "U").glob("*.png"))), "runs": runs,
                            "anchor": anchor_scores(scaled, folder / "U_masks")}
+    return results
+
+
+def pixel_step_scores(frames, masks, training_frames, patch_size=16):
+    """IoU of true patch labels before and after ``segmentation.finish_mask``, over the frames with aurora."""
+    from types import SimpleNamespace
+
+    from scipy import ndimage
+
+    import segmentation
+    import train
+
+    settings = SimpleNamespace(normalize="auto", patch_size=patch_size, background_sectors=0)
+    preprocessing = train.resolve_preprocessing(settings, [p for f in training_frames for p in data.list_images(f)])
+    before, after = [], []
+    for path in sorted(Path(frames).glob("*.png")):
+        frame = next(data.read_frames(path))
+        prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing)
+        truth = segmentation.read_true_mask(Path(masks) / path.name, prepared.sky.shape) & prepared.sky
+        if not truth.any():
+            continue
+        # "Aurora anywhere in the patch centred on the pixel": what a perfect model says.
+        patch_truth = ndimage.binary_dilation(truth, np.ones((patch_size, patch_size), bool)) & prepared.sky
+        refined, _ = segmentation.finish_mask(prepared, patch_truth.astype(np.float32), patch_truth, patch_size,
+                                              preprocessing)
+        before.append(segmentation.mask_metrics(patch_truth, truth)["iou"])
+        after.append(segmentation.mask_metrics(refined, truth)["iou"])
+    return {"frames": len(after), "patch_labels_iou": float(np.mean(before)), "pixel_step_iou": float(np.mean(after)),
+            "pixel_step_iou_min": float(np.min(after))}
+
+
+def pixel_step(work, seeds, out):
+    """The pixel step's ceiling: true patch labels as the model's P(aurora) (1 and 0), no training."""
+    frames, masks = synthetic_set(work / "held_out", 16, [k % 4 != 3 for k in range(16)], FIRST_SEED,
+                                  size=lambda k: 256 if k % 2 == 0 else 480)
+    results = {"held_out": pixel_step_scores(frames, masks, [ROOT / "dataset/Positive", ROOT / "dataset/Unlabelled"])}
+    for camera in ("themis_gill", "themis_gako"):
+        real_background_set(work / camera, camera)
+        results[camera] = pixel_step_scores(work / camera / "U", work / camera / "U_masks",
+                                            [work / camera / "P", work / camera / "U"])
     return results
 
 
@@ -520,6 +572,12 @@ def summarize(name, result):
                          f"{min(run['auc'] for run in chosen):.3f}, prior used {used}")
         if failed:
             lines.append(f"  {failed} training(s) failed")
+    elif name == "pixel_step":
+        for label, entry in result.items():
+            if isinstance(entry, dict):
+                lines.append(f"pixel step on true patch labels, {label} ({entry['frames']} aurora frames): IoU "
+                             f"{entry['patch_labels_iou']:.3f} before, {entry['pixel_step_iou']:.3f} after "
+                             f"(worst frame {entry['pixel_step_iou_min']:.3f})")
     elif name == "contact_sheet":
         lines.append(f"contact sheet {result['figure']}: " + "; ".join(f"{k}: {v}" for k, v in result["cameras"].items()))
     return lines
