@@ -115,8 +115,9 @@ ADAPTIVE_MARGIN = 1.0
 # dataset, the tests nor tests/evaluate_quality.py use; the result changed
 # little over smoothing 0.7 to 1.5, dark fraction 0.1 to 0.5, edge weight
 # 300 to 3000, and seed radii of 12- to 24-pixel patches.
-# Gaussian smoothing before the random walker, in pixels: sensor noise and
-# single stars would otherwise make edges everywhere.
+# Gaussian smoothing of the frame before the random walker, and of the excess
+# (``excess_map``), in pixels: sensor noise and single stars would otherwise
+# make edges everywhere.
 REFINE_SMOOTHING = 1.0
 # The random walker works on log(brightness + offset), offset = this fraction
 # of the sky's median brightness, so that the faint outer edge of aurora is
@@ -136,8 +137,9 @@ REFINE_TILE = 512
 # mask stays only when a pixel of it stands out by PIXEL_SEED_EXCESS (a
 # detection, not a noise peak). The sky's own excess is about 0.7 (the
 # background is a lower envelope) give or take 0.35 after the smoothing.
-# Chosen on the 24 generator frames above and the shipped frames, with true
-# patch labels and with a model's (docs/measurements.md, "The pixel step").
+# Chosen on 24 generator frames from seeds 700_000 up (half of them with
+# moon, haze and town glow) and the shipped frames, with true patch labels
+# and with a model's (docs/measurements.md, "The pixel step").
 PIXEL_EDGE_EXCESS = 4.0
 PIXEL_EDGE_WIDTH = 1.0
 PIXEL_SEED_EXCESS = 8.0
