@@ -244,9 +244,14 @@ def anchor_scores(frame_folder, mask_folder):
 
 # ------------------------------------------------------------ the sets
 
+def held_out_frames(work):
+    """The 16 held-out generator frames (12 with aurora) and their masks, in work/held_out."""
+    return synthetic_set(work / "held_out", 16, [k % 4 != 3 for k in range(16)], FIRST_SEED,
+                         size=lambda k: 256 if k % 2 == 0 else 480)
+
+
 def held_out(work, seeds, out):
-    frames, masks = synthetic_set(work / "held_out", 16, [k % 4 != 3 for k in range(16)], FIRST_SEED,
-                                  size=lambda k: 256 if k % 2 == 0 else 480)
+    frames, masks = held_out_frames(work)
     results = []
     for seed in seeds:
         model_dir = work / f"quick_start_{seed}"
@@ -405,8 +410,7 @@ def pixel_step_scores(frames, masks, training_frames, patch_size=16):
 
 def pixel_step(work, seeds, out):
     """The pixel step's ceiling: true patch labels as the model's P(aurora) (1 and 0), no training."""
-    frames, masks = synthetic_set(work / "held_out", 16, [k % 4 != 3 for k in range(16)], FIRST_SEED,
-                                  size=lambda k: 256 if k % 2 == 0 else 480)
+    frames, masks = held_out_frames(work)
     results = {"held_out": pixel_step_scores(frames, masks, [ROOT / "dataset/Positive", ROOT / "dataset/Unlabelled"])}
     for camera in ("themis_gill", "themis_gako"):
         real_background_set(work / camera, camera)
