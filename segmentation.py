@@ -861,7 +861,6 @@ def pixel_mask(p_aurora, excess, sky, threshold=0.5):
     parts, count = ndimage.label(above)
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[parts[above & (excess >= PIXEL_SEED_EXCESS)]] = True
-    seeded[0] = False
     mask = seeded[parts]
     dropped = above & ~mask
     probability[dropped] = threshold
