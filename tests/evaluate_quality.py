@@ -95,14 +95,15 @@ def run(script, *arguments, check=True):
     return time.time() - started, result.returncode, result.stdout + result.stderr
 
 
-# train.py flags every training of the run adds (--model: main()).
+# train.py flags every training of the run adds (--model, --patch_size: main()); a
+# training's own flags come after them and so win (the real patches are 32x32).
 TRAIN_FLAGS = []
 
 
 def train_model(folder, P, U, seed, *extra):
     """train.py on folders P and U into ``folder``; returns (config or None when training failed, seconds)."""
     seconds, code, output = run("train.py", "--P_dataset", P, "--U_dataset", U, "--save_dir", folder, "--seed",
-                                seed, "--quiet", *extra, *TRAIN_FLAGS, check=False)
+                                seed, "--quiet", *TRAIN_FLAGS, *extra, check=False)
     if code == 2 and "look alike" in output:
         # A stop a user would see on these frames (no aurora found): a failed run, not a broken evaluation.
         print(f"evaluate_quality.py: {folder}: {output.strip().splitlines()[-1]}", flush=True)
@@ -264,7 +265,8 @@ def held_out(work, seeds, out):
         shipped = segment(model_dir / "model.keras", "dataset/Unlabelled", "dataset/masks", work / f"shipped_{seed}")
         results.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows),
                         "ece": ece, "reliability": table, "shipped": scores(shipped)})
-        reliability_figure(table, out / f"reliability_seed{seed}{'_' + TRAIN_FLAGS[1] if TRAIN_FLAGS else ''}.png",
+        flags = "".join(f"_{flag.lstrip('-')}{value}" for flag, value in zip(TRAIN_FLAGS[::2], TRAIN_FLAGS[1::2]))
+        reliability_figure(table, out / f"reliability_seed{seed}{flags}.png",
                            f"held-out synthetic frames, seed {seed}: ECE {ece:.3f}")
     return {"seeds": results, "anchor": anchor_scores(frames, masks)}
 
@@ -595,9 +597,13 @@ def main(argv=None):
     parser.add_argument("--out", default="Results/evaluation", help="folder for results.json and the figures")
     parser.add_argument("--model", help="train.py's --model for every training (default: train.py's own); the "
                                         "results go to results.json as '<set> --model <model>'")
+    parser.add_argument("--patch_size", type=int, help="train.py's --patch_size for every training but the real "
+                                                       "patches' (default: train.py's own); the results go to "
+                                                       "results.json as '<set> --patch_size <n>'")
     args = parser.parse_args(argv)
-    TRAIN_FLAGS[:] = ["--model", args.model] if args.model else []
-    suffix = f" --model {args.model}" if args.model else ""
+    TRAIN_FLAGS[:] = [text for flag in ("model", "patch_size") if getattr(args, flag) is not None
+                      for text in (f"--{flag}", str(getattr(args, flag)))]
+    suffix = "".join(f" {text}" for text in TRAIN_FLAGS)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
