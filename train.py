@@ -716,7 +716,7 @@ def choose_prior(args, P, U, p_train, u_train):
     if aurora_in_p:
         raise data.UsageError(
             f"{len(aurora_in_p)} P frame(s) look like U's aurora (first: {aurora_in_p[0]}): P must hold no "
-            f"aurora at all; remove them from --P_dataset")
+            f"aurora at all; remove them from --P_dataset, or, if they hold none, pass --prior")
     if not args.quiet:
         print(f"train.py: estimated prior {estimate['estimate']:.3f} +- {estimate['uncertainty']:.3f} "
               f"(BBE, held-out P-versus-U AUC {estimate['auc']:.3f})")

@@ -111,6 +111,22 @@ def test_an_estimate_above_the_range_stops_and_one_below_is_clipped():
         assert train.resolve_prior({**above, "estimate": 0.01}) == train.PRIOR_RANGE[0]
 
 
+def test_p_frames_whose_patches_score_like_u_aurora_are_named():
+    rng = np.random.default_rng(3)
+    # Held-out P-versus-U scores (high = like P): U is 900 background patches and 100 aurora ones.
+    u_scores = np.concatenate([rng.normal(0, 1, 900), rng.normal(-4, 0.5, 100)])
+    frame_of = np.repeat(np.arange(10), 50)
+    P = data.PatchSet(None, frame_of, None, [f"f{k}" for k in range(10)], None, [])
+    clean = rng.normal(0, 1, 500)
+    assert train.p_frames_with_aurora({"u_scores": u_scores, "p_scores": clean}, 0.9, P) == []
+    # Frame 3 holds aurora in 15 of its 50 patches.
+    with_aurora = clean.copy()
+    with_aurora[150:165] = rng.normal(-4, 0.5, 15)
+    assert train.p_frames_with_aurora({"u_scores": u_scores, "p_scores": with_aurora}, 0.9, P) == ["f3"]
+    # Where the prior leaves U (almost) no aurora there is no tail to compare with: nothing is named.
+    assert train.p_frames_with_aurora({"u_scores": u_scores, "p_scores": with_aurora}, 0.99, P) == []
+
+
 def test_estimate_prior_rejects_bad_input():
     rng = np.random.default_rng(2)
     with pytest.raises(ValueError, match=r"Invalid U: expected at least 4 patches for 2 folds, received 3"):
