@@ -104,8 +104,9 @@ def train_model(folder, P, U, seed, *extra):
     """train.py on folders P and U into ``folder``; returns (config or None when training failed, seconds)."""
     seconds, code, output = run("train.py", "--P_dataset", P, "--U_dataset", U, "--save_dir", folder, "--seed",
                                 seed, "--quiet", *TRAIN_FLAGS, *extra, check=False)
-    if code == 2 and "look alike" in output:
-        # A stop a user would see on these frames (no aurora found): a failed run, not a broken evaluation.
+    if code == 2 and ("look alike" in output or "look like U's aurora" in output):
+        # A stop a user would see on these frames (no aurora found, or P frames taken for aurora): a failed
+        # run, not a broken evaluation.
         print(f"evaluate_quality.py: {folder}: {output.strip().splitlines()[-1]}", flush=True)
         return None, seconds
     if code not in (0, 3):
