@@ -5,7 +5,8 @@
 Reads random patches from the frames of the two folders (the sky of each
 frame only, normalized so that the sky's brightness, colour and glow do not
 matter: ``data.prepare_frame``), estimates the class prior, fits a ResNet18
-(or a small CNN) with the non-negative PU risk of Kiryo et al. (2017),
+(or a small CNN, which ``--model auto`` takes when aurora is rare in U:
+``choose_network``) with the non-negative PU risk of Kiryo et al. (2017),
 weighted so that rare aurora counts (Su et al. 2021), checks that the model
 did not collapse to "no aurora anywhere" or "aurora everywhere", scales its
 logit so that P(aurora) is calibrated (``calibration_scale``), and writes
@@ -452,8 +453,8 @@ def make_loss(args, prior):
     return PULoss(prior, balanced=args.balanced, **common)
 
 
-def fit_model(args, prior, P_train, U_train, N_train, P_val, U_val, seed, backup):
-    """Fit one model; returns (model, history dict). Risks per epoch go to history.csv."""
+def fit_model(args, network, prior, P_train, U_train, N_train, P_val, U_val, seed, backup):
+    """Fit one ``network`` (a key of MODELS); returns (model, history dict). Risks per epoch go to history.csv."""
     import keras
 
     from PULoss import pu_loss, pu_risk, pu_zero_one_risk
@@ -469,7 +470,7 @@ def fit_model(args, prior, P_train, U_train, N_train, P_val, U_val, seed, backup
     if len(batches) < MIN_STEPS_PER_EPOCH:
         batches.steps = MIN_STEPS_PER_EPOCH
 
-    model = MODELS[args.model](args.patch_size)
+    model = MODELS[network](args.patch_size)
 
     def positive_risk(y_true, y_pred):
         return pu_risk(y_true, y_pred, prior, args.loss)["positive_risk"]
@@ -665,9 +666,20 @@ def fold_offset(model, offset, scale=1.0):
 RARE_PRIOR = 0.97
 
 
-def rare_aurora_note(prior, model):
-    """A line for the user when aurora is too rare in U for ``model`` to have learnt it well, else None."""
-    if model != "ResNet18" or prior < RARE_PRIOR:
+def choose_network(flag, prior):
+    """The network to train (a key of MODELS) for ``--model`` ``flag`` and the class prior.
+
+    "auto" is the ResNet18, or the small CNN when the prior is ``RARE_PRIOR``
+    or more; any other flag names the network itself.
+    """
+    if flag != "auto":
+        return flag
+    return "CNN" if prior >= RARE_PRIOR else "ResNet18"
+
+
+def rare_aurora_note(prior, network):
+    """A line for the user when aurora is too rare in U for ``network`` to have learnt it well, else None."""
+    if network != "ResNet18" or prior < RARE_PRIOR:
         return None
     return (f"aurora is rare in U (prior {prior:.3f}: {1 - prior:.1%} of its patches); on synthetic nights this rare "
             f"the ResNet18 missed most of the aurora in new frames and --model CNN found most of it: train with "
@@ -724,8 +736,8 @@ def choose_prior(args, P, U, p_train, u_train):
     return prior, {**record, "prior": prior}
 
 
-def fit_until_useful(args, prior, P, U, N, p_train, p_val, u_train, u_val, backup):
-    """Train, check the model for a collapse, and train again from other weights if it collapsed.
+def fit_until_useful(args, network, prior, P, U, N, p_train, p_val, u_train, u_val, backup):
+    """Train ``network``, check the model for a collapse, and train again from other weights if it collapsed.
 
     Returns (model, history, attempts, failure, logits): ``attempts`` a
     record per training for config.json; ``failure`` None, or why the last
@@ -747,7 +759,7 @@ def fit_until_useful(args, prior, P, U, N, p_train, p_val, u_train, u_val, backu
                 print(f"train.py: attempt {attempt + 1} of {args.attempts}, seed {seed}: {failure}")
         backup.mkdir(parents=True, exist_ok=True)
         (backup / BACKUP_SETTINGS).write_text(json.dumps(_backup_settings(args)))
-        model, history = fit_model(args, prior, P.patches[p_train], U.patches[u_train],
+        model, history = fit_model(args, network, prior, P.patches[p_train], U.patches[u_train],
                                    None if N is None else N.patches, P.patches[p_val], U.patches[u_val], seed,
                                    backup)
         u_logits = data.predict_logits(model, U.patches)
@@ -799,9 +811,13 @@ def train(args):
     p_train, p_val = split_holdout(len(P.patches), n_p_val, rng)
     u_train, u_val = split_holdout(len(U.patches), n_u_val, rng)
     prior, prior_estimate = choose_prior(args, P, U, p_train, u_train)
+    network = choose_network(args.model, prior)
+    if args.model == "auto" and network == "CNN" and not args.quiet:
+        print(f"train.py: aurora is rare in U (prior {prior:.3f}): training the small CNN, which finds it where the "
+              f"ResNet18 was measured not to (--model auto; pass --model ResNet18 for the ResNet18)")
 
     model, history, attempts, failure, (u_logits, p_val_logits) = fit_until_useful(
-        args, prior, P, U, N, p_train, p_val, u_train, u_val, save_dir / "backup")
+        args, network, prior, P, U, N, p_train, p_val, u_train, u_val, save_dir / "backup")
     offset, scale = attempts[-1]["decision_offset"], attempts[-1]["calibration_scale"]
     final_risk = None
     if len(p_val) and len(u_val):
@@ -812,7 +828,8 @@ def train(args):
         final_risk = float(pu_zero_one_risk(labels, np.concatenate([p_val_logits, u_logits[u_val]]), prior))
 
     config = {
-        **{key: value for key, value in vars(args).items() if key != "prior"},
+        **{key: value for key, value in vars(args).items() if key not in ("prior", "model")},
+        "model": network, "model_flag": args.model,
         "prior": prior, "prior_given": None if args.prior == "auto" else float(args.prior),
         "prior_estimate": prior_estimate,
         "preprocessing": preprocessing,
@@ -834,7 +851,7 @@ def train(args):
         "decision_offset": offset,
         "calibration_scale": scale,
         "U_frames_unlike_P": p_coverage(P, U),
-        "rare_aurora_note": rare_aurora_note(prior, args.model),
+        "rare_aurora_note": rare_aurora_note(prior, network),
         "frames_without_border": {"P": P.skyless, "U": U.skyless},
         "versions": {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
                      **({"tensorflow": _tensorflow_version()} if keras.backend.backend() == "tensorflow" else {})},
@@ -849,7 +866,7 @@ def train(args):
                              f"(see {save_dir / 'config.json'}). Check that P holds no aurora and that --prior "
                              f"fits U, or try --lr {args.lr / 3:.0e}")
     # The saved model is an uncompiled copy: stock layers only, no project module needed.
-    inference_model = MODELS[args.model](args.patch_size)
+    inference_model = MODELS[network](args.patch_size)
     inference_model.set_weights(model.get_weights())
     fold_offset(inference_model, offset, scale)
     data.save_model(inference_model, save_dir / "model.keras", preprocessing)
@@ -982,9 +999,10 @@ def build_parser():
                              "images that are patches (default: auto)")
 
     model = parser.add_argument_group("model and training (advanced)")
-    model.add_argument("--model", choices=sorted(MODELS), default="ResNet18",
-                       help="network: ResNet18, or CNN (small and fast; try it when aurora is rare in U, a prior of "
-                            f"{RARE_PRIOR} or more) (default: %(default)s)")
+    model.add_argument("--model", choices=["auto", *sorted(MODELS)], default="auto",
+                       help="network: ResNet18, CNN (small and fast), or auto: the ResNet18, or the CNN when aurora "
+                            f"is rare in U (a prior of {RARE_PRIOR} or more), where the ResNet18 was measured to miss "
+                            f"it (default: %(default)s)")
     model.add_argument("--patch_size", type=data.positive_int, default=16,
                        help="patch side in pixels; the mask is as sharp as half a patch (default: %(default)s)")
     model.add_argument("--epochs", type=data.positive_int, default=24,

@@ -238,13 +238,36 @@ def test_rare_aurora_note_points_resnet18_at_the_cnn_only_when_aurora_is_rare():
     assert train.rare_aurora_note(0.99, "CNN") is None
 
 
+def test_model_auto_is_the_resnet18_unless_aurora_is_rare():
+    assert train.choose_network("auto", train.RARE_PRIOR - 0.01) == "ResNet18"
+    assert train.choose_network("auto", train.RARE_PRIOR) == "CNN"
+    assert train.choose_network("ResNet18", 0.99) == "ResNet18"
+    assert train.choose_network("CNN", 0.5) == "CNN"
+
+
+def test_rare_aurora_trains_the_cnn_by_default_and_says_so(folders, tmp_path, capsys):
+    args = [arg for arg in base_args(folders, tmp_path, "--attempts", "1") if arg != "--quiet"]
+    args[args.index("--prior") + 1] = "0.98"
+    code = train.main(args)
+    out, err = capsys.readouterr()
+    assert code in (0, train.EXIT_TRAINING_FAILED), err  # 1 epoch on 400 patches may collapse
+    assert "training the small CNN" in out and "note:" not in err
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"] == "CNN" and config["model_flag"] == "auto" and config["rare_aurora_note"] is None
+    if code == 0:
+        import keras
+
+        weights = keras.models.load_model(tmp_path / "model.keras", compile=False).count_params()
+        assert weights < 100_000, weights  # the CNN's tens of thousands, not the ResNet18's millions
+
+
 def test_the_rare_aurora_note_reaches_stderr_even_with_quiet(folders, tmp_path, capsys, monkeypatch):
     def fake_train(args):
         return {"frames_without_border": {"P": [], "U": []}, "U_frames_unlike_P": [],
                 "rare_aurora_note": train.rare_aurora_note(0.985, args.model)}
 
     monkeypatch.setattr(train, "train", fake_train)
-    assert train.main(base_args(folders, tmp_path / "a")) == 0
+    assert train.main(base_args(folders, tmp_path / "a", "--model", "ResNet18")) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: note: aurora is rare in U (prior 0.985")
     assert train.main(base_args(folders, tmp_path / "b", "--model", "CNN")) == 0
