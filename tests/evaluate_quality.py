@@ -132,6 +132,38 @@ def scores(rows):
             "false_aurora_max": float(np.max(clear)) if clear else None, "frames": len(rows)}
 
 
+# Noise levels by which dimmed_sky lowers the sky.
+DIMMING = (1, 2, 4)
+
+
+def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
+    """Share of the P frames' sky patches the model calls aurora once the sky is made darker than its background.
+
+    Aurora only adds light, so sky below its background is never aurora.
+    But wide aurora lifts the background estimate (``data.sky_background``)
+    and leaves the sky around it below it, in U frames only: a cue that
+    tells U from P without being aurora, which training can learn in its
+    place. Each patch's excess is lowered by d noise levels in every
+    channel. Returns {str(d): share} for d in ``depths`` and 0, or None for
+    a model that sees the frame itself (``normalize`` "none").
+    """
+    model, preprocessing = data.load_model(model_path)
+    if preprocessing.get("normalize") != "background":
+        return None
+    paths = data.list_images(p_folder)
+    rng = np.random.default_rng(0)
+    patches = []
+    for path in paths[::max(1, len(paths) // frames)][:frames]:
+        frame = next(data.read_frames(path))
+        prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing)
+        patches.append(data.sample_patches(prepared.model_input, prepared.sky, data.patch_size_of(model), per_frame,
+                                           rng)[0])
+    excess = data.NORMALIZE_SOFTENING * np.sinh(np.concatenate(patches))
+    return {str(depth): float(np.mean(data.predict_logits(
+        model, np.arcsinh((excess - depth) / data.NORMALIZE_SOFTENING).astype(np.float32)) < 0))
+        for depth in (0, *depths)}
+
+
 # ------------------------------------------------------------ frames with true masks
 
 def save_frame(folder, name, image, mask=None, masks=None):
@@ -265,7 +297,8 @@ def held_out(work, seeds, out):
         ece, table = calibration(work / f"held_out_{seed}" / "probability", masks, frames)
         shipped = segment(model_dir / "model.keras", "dataset/Unlabelled", "dataset/masks", work / f"shipped_{seed}")
         results.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows),
-                        "ece": ece, "reliability": table, "shipped": scores(shipped)})
+                        "ece": ece, "reliability": table, "shipped": scores(shipped),
+                        "dimmed_sky": dimmed_sky(model_dir / "model.keras", ROOT / "dataset/Positive")})
         flags = "".join(f"_{flag.lstrip('-')}{value}" for flag, value in zip(TRAIN_FLAGS[::2], TRAIN_FLAGS[1::2]))
         reliability_figure(table, out / f"reliability_seed{seed}{flags}.png",
                            f"held-out synthetic frames, seed {seed}: ECE {ece:.3f}")
@@ -298,7 +331,8 @@ def rare(work, seeds, out):
                 runs.append({"seed": seed, "failed": True, "train_seconds": seconds})
                 continue
             rows = segment(folder / f"model_{seed}" / "model.keras", test, test_masks, folder / f"seg_{seed}")
-            runs.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows)})
+            runs.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows),
+                         "dimmed_sky": dimmed_sky(folder / f"model_{seed}" / "model.keras", P)})
         results[str(prior)] = {"true_prior": truth, "runs": runs, "anchor": anchor_scores(test, test_masks)}
     return results
 
@@ -371,7 +405,8 @@ def real_backgrounds(work, seeds, out):
                 continue
             rows = segment(folder / f"model_{seed}" / "model.keras", folder / "U", folder / "U_masks",
                            folder / f"seg_{seed}")
-            runs.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows)})
+            runs.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows),
+                         "dimmed_sky": dimmed_sky(folder / f"model_{seed}" / "model.keras", folder / "P")})
         scaled = folder / "U_scaled"
         scaled.mkdir()
         for path in sorted((folder / "U").glob("*.png")):
@@ -535,6 +570,11 @@ def summarize(name, result):
         clear = [run["false_aurora"] for run in done if run.get("false_aurora") is not None]
         if clear:
             parts.append(f"aurora-free sky called aurora {np.mean(clear):.2%} (worst seed {max(clear):.2%})")
+        dimmed = [run["dimmed_sky"] for run in done if run.get("dimmed_sky")]
+        if dimmed:
+            shares = ", ".join(f"{np.mean([d[str(depth)] for d in dimmed]):.0%}" for depth in (0, *DIMMING))
+            parts.append(f"clear P sky lowered by {', '.join(map(str, (0, *DIMMING)))} noise levels called aurora "
+                         f"{shares}")
         priors = [run["prior"] for run in done if "prior" in run]
         if priors:
             parts.append(f"prior {', '.join(f'{p:.3f}' for p in priors)}")

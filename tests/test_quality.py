@@ -34,3 +34,27 @@ def test_short_training_segments_heldout_frames(tmp_path):
         iou = [float(r["iou"]) for r in csv.DictReader(f) if r["file"] != "mean"]
     assert len(iou) == 3
     assert min(iou) > 0.5, iou
+
+
+def test_dimmed_sky_counts_clear_sky_called_aurora_once_below_its_background(tmp_path):
+    import keras
+
+    import evaluate_quality
+
+    P = tmp_path / "P"
+    P.mkdir()
+    for k in range(2):
+        image, _ = data.synthetic_frame(128, seed=700_100 + k, aurora=False)
+        Image.fromarray(image).save(P / f"p{k}.png")
+    # A model that calls a patch aurora (logit < 0) when its mean excess is below the background.
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    model.layers[-1].set_weights([np.ones((3, 1), np.float32), np.zeros(1, np.float32)])
+    preprocessing = {"version": data.PREPROCESSING_VERSION, "normalize": "background", "full_scale": 255.0,
+                     "camera_range": None, "patch_size": 16, "background_sectors": 0, "grey_scales": None}
+    data.save_model(model, tmp_path / "model.keras", preprocessing)
+    shares = evaluate_quality.dimmed_sky(tmp_path / "model.keras", P, per_frame=200)
+    assert list(shares) == ["0", *map(str, evaluate_quality.DIMMING)]
+    assert shares["0"] < 0.2 and shares[str(evaluate_quality.DIMMING[-1])] > 0.9, shares
+    assert list(shares.values()) == sorted(shares.values()), shares
+    data.save_model(model, tmp_path / "none.keras", {**preprocessing, "normalize": "none"})
+    assert evaluate_quality.dimmed_sky(tmp_path / "none.keras", P) is None
