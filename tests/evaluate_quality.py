@@ -144,8 +144,9 @@ def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
     and leaves the sky around it below it, in U frames only: a cue that
     tells U from P without being aurora, which training can learn in its
     place. Each patch's excess is lowered by d noise levels in every
-    channel. Returns {str(d): share} for d in ``depths`` and 0, or None for
-    a model that sees the frame itself (``normalize`` "none").
+    channel (outside the sky it stays 0). Returns {str(d): share} for d in
+    ``depths`` and 0, or None for a model that sees the frame itself
+    (``normalize`` "none").
     """
     model, preprocessing = data.load_model(model_path)
     if preprocessing.get("normalize") != "background":
@@ -158,10 +159,14 @@ def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
         prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing)
         patches.append(data.sample_patches(prepared.model_input, prepared.sky, data.patch_size_of(model), per_frame,
                                            rng)[0])
-    excess = data.NORMALIZE_SOFTENING * np.sinh(np.concatenate(patches))
-    return {str(depth): float(np.mean(data.predict_logits(
-        model, np.arcsinh((excess - depth) / data.NORMALIZE_SOFTENING).astype(np.float32)) < 0))
-        for depth in (0, *depths)}
+    patches = np.concatenate(patches)
+    sky = (patches != 0).any(axis=-1, keepdims=True)  # the model's input is 0 outside the sky
+    excess = data.NORMALIZE_SOFTENING * np.sinh(patches)
+    shares = {}
+    for depth in (0, *depths):
+        dimmed = np.arcsinh(np.where(sky, excess - depth, 0) / data.NORMALIZE_SOFTENING).astype(np.float32)
+        shares[str(depth)] = float(np.mean(data.predict_logits(model, dimmed) < 0))
+    return shares
 
 
 # ------------------------------------------------------------ frames with true masks
