@@ -617,7 +617,7 @@ def list_images(folder, recursive=False):
 # prepares frames exactly as training did. Models saved before this existed
 # have none and get LEGACY_PREPROCESSING: frames divided by their full scale,
 # no normalization.
-PREPROCESSING_VERSION = 3
+PREPROCESSING_VERSION = 4
 LEGACY_PREPROCESSING = {"version": 0, "normalize": "none", "camera_range": None, "full_scale": None}
 
 # Background normalization (``normalize_frame``). The sky's background is the
@@ -652,6 +652,13 @@ NORMALIZE_SOFTENING = 3.0
 # version 2 and older) have one scale in every channel.
 GREY_SCALES = (0.5, 0.2, 0.08)
 NORMALIZATIONS = ("background", "none")
+# ``train.py --position`` adds three channels that say where in the sky a
+# pixel lies (``position_channels``): glow fixed to the camera (a town on
+# one horizon, the rim's airglow ring, a mast) then need not look unlike
+# aurora in a patch to be learnt as background where P shows it. They span
+# 0 to POSITION_SCALE, about the range of the excess channels' sky.
+# Models saved before (preprocessing version 3 and older) have 3 channels.
+POSITION_SCALE = 2.0
 
 
 def borderless_warning(names):
@@ -1110,7 +1117,7 @@ def pixel_noise(image, sky, floor, background=None):
     return first if refined is None else refined
 
 
-def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_scales=None):
+def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_scales=None, position=False):
     """What the model sees of a frame: excess over the sky's background in units of the pixel noise.
 
     Parameters
@@ -1132,12 +1139,15 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
         For models of monochrome cameras (``GREY_SCALES``): channel k is the
         excess of the channels' mean over the background of scale
         ``grey_scales[k]``, instead of each colour over one background.
+    position : bool
+        Append the three ``position_channels`` (the model's ``position``).
 
     Returns
     -------
-    normalized : ndarray of shape (rows, cols, 3), float32
+    normalized : ndarray of shape (rows, cols, 3), or (rows, cols, 6) with ``position``, float32
         ``asinh((image - background) / (noise * NORMALIZE_SOFTENING))`` per
-        channel (``sky_background``, ``pixel_noise``), 0 outside the sky.
+        channel (``sky_background``, ``pixel_noise``), 0 outside the sky;
+        then, with ``position``, where each pixel lies.
 
     Notes
     -----
@@ -1159,7 +1169,30 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
     else:
         normalized = _excess(image, sky, quantum, sectors, BACKGROUND_SCALE)
     normalized[~sky] = 0.0
+    if position:
+        normalized = np.concatenate([normalized, position_channels(sky)], axis=2)
     return normalized
+
+
+def position_channels(sky):
+    """Where each pixel lies in the sky: ndarray of shape (rows, cols, 3), float32, 0 outside ``sky``.
+
+    Channel 0 is the distance from the sky's centre (the zenith of a
+    fisheye frame), channels 1 and 2 the offsets along rows (down) and
+    columns (right); all in units of the sky's radius, times
+    ``POSITION_SCALE``. So the rim is at ``POSITION_SCALE`` in channel 0,
+    whatever the frame's size.
+    """
+    rows, cols = np.nonzero(sky)
+    if rows.size == 0:
+        return np.zeros((*sky.shape, 3), np.float32)
+    radius = max(rows.max() - rows.min(), cols.max() - cols.min(), 1) / 2
+    down = ((np.arange(sky.shape[0], dtype=np.float32) - (rows.min() + rows.max()) / 2) / radius)[:, None]
+    right = ((np.arange(sky.shape[1], dtype=np.float32) - (cols.min() + cols.max()) / 2) / radius)[None, :]
+    down, right = np.broadcast_arrays(down, right)
+    channels = np.stack([np.hypot(down, right), down, right], axis=2) * np.float32(POSITION_SCALE)
+    channels[~sky] = 0.0
+    return channels.astype(np.float32)
 
 
 def _excess(image, sky, quantum, sectors, scale):
@@ -1228,7 +1261,8 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
         found = not sky.all()
     quantum = 1.0 / (high - low)
     model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"),
-                                  preprocessing.get("background_sectors", 0), preprocessing.get("grey_scales"))
+                                  preprocessing.get("background_sectors", 0), preprocessing.get("grey_scales"),
+                                  bool(preprocessing.get("position")))
     return Prepared(image, model_input, sky, found, quantum)
 
 
@@ -1304,8 +1338,9 @@ def load_model(path):
     Returns
     -------
     model : keras.Model
-        Input ``(None, patch, patch, 3)`` float32, output ``(None, 1)``: one
-        logit per patch, > 0 = background.
+        Input ``(None, patch, patch, 3)`` float32 (6 channels with
+        ``position``), output ``(None, 1)``: one logit per patch, > 0 =
+        background.
     preprocessing : dict
         What ``prepare_frame`` needs; ``LEGACY_PREPROCESSING`` for a file
         without it (a model saved before preprocessing existed, or by hand):
@@ -1338,6 +1373,9 @@ def load_model(path):
         raise UsageError(f"model {path} was saved by a newer version of this project (preprocessing version "
                          f"{preprocessing['version']}); update the project to use it")
     patch_size_of(model, name=path)
+    if model.input_shape[3] != input_channels(preprocessing):
+        raise UsageError(f"invalid model {path}: its input has {model.input_shape[3]} channels but its "
+                         f"preprocessing gives {input_channels(preprocessing)}")
     output_shape = model.output_shape
     if not (isinstance(output_shape, tuple) and len(output_shape) == 2 and output_shape[1] == 1):
         raise UsageError(f"invalid model {path}: expected output shape (None, 1), received {output_shape}")
@@ -1360,7 +1398,9 @@ def patch_size_of(model, name="model"):
     Parameters
     ----------
     model : keras.Model
-        Must have input shape ``(None, patch, patch, 3)`` with ``patch`` an int.
+        Must have input shape ``(None, patch, patch, channels)`` with
+        ``patch`` an int and ``channels`` 3, or 6 for a model that also sees
+        where a patch lies (``position_channels``).
     name : str or Path
         What to call the model in the error message (its file).
 
@@ -1368,7 +1408,7 @@ def patch_size_of(model, name="model"):
     ------
     UsageError
         If the input shape is anything else (several inputs, unknown or
-        non-square size, not 3 channels).
+        non-square size, not 3 or 6 channels).
     """
     shape = model.input_shape
     valid = (
@@ -1377,11 +1417,17 @@ def patch_size_of(model, name="model"):
         and isinstance(shape[1], int)
         and shape[1] > 0
         and shape[1] == shape[2]
-        and shape[3] == 3
+        and shape[3] in (3, 6)
     )
     if not valid:
-        raise UsageError(f"invalid model {name}: expected input shape (None, patch, patch, 3), received {shape}")
+        raise UsageError(f"invalid model {name}: expected input shape (None, patch, patch, 3) (or 6 channels with "
+                         f"positions), received {shape}")
     return shape[1]
+
+
+def input_channels(preprocessing):
+    """Channels of the patches a model with this ``preprocessing`` takes: 3, or 6 with ``position``."""
+    return 6 if preprocessing.get("position") else 3
 
 
 # One compiled forward pass per loaded model, made for the Keras backend in
@@ -1391,7 +1437,7 @@ _FORWARD_PASSES = weakref.WeakKeyDictionary()
 
 
 def _forward_pass(model):
-    """A function from a (n, p, p, 3) float32 array to the model's (n, 1) logits in inference mode."""
+    """A function from a (n, p, p, channels) float32 array to the model's (n, 1) logits in inference mode."""
     forward = _FORWARD_PASSES.get(model)
     if forward is not None:
         return forward
@@ -1405,7 +1451,7 @@ def _forward_pass(model):
         # A tf.function with a None batch dimension, traced once for every
         # batch size: cheaper per call than predict_on_batch.
         patch_size = patch_size_of(model)
-        spec = tf.TensorSpec((None, patch_size, patch_size, 3), tf.float32)
+        spec = tf.TensorSpec((None, patch_size, patch_size, model.input_shape[3]), tf.float32)
         forward = tf.function(lambda patches: model_ref()(patches, training=False), input_signature=[spec])
     elif backend == "jax":
         import jax
@@ -1435,8 +1481,8 @@ def predict_logits(model, patches, batch_size=256):
     Parameters
     ----------
     model : keras.Model
-        Input ``(None, patch, patch, 3)``, output ``(None, 1)``.
-    patches : ndarray of shape (n, patch, patch, 3), float32
+        Input ``(None, patch, patch, channels)``, output ``(None, 1)``.
+    patches : ndarray of shape (n, patch, patch, channels), float32
         Prepared as the model was trained (``prepare_frame``).
     batch_size : int
         Patches per model call; bounds the activation memory.

@@ -809,8 +809,8 @@ def excess_map(model_input, preprocessing):
 
     if preprocessing.get("normalize") != "background":
         return None
-    if preprocessing.get("grey_scales"):
-        model_input = model_input[..., :1]
+    # The excess channels come first; a model with ``position`` has three more.
+    model_input = model_input[..., :1] if preprocessing.get("grey_scales") else model_input[..., :3]
     # Smoothed channel by channel before the maximum: the maximum of three
     # noisy channels would lift the whole sky by most of a noise level.
     excess = gaussian(data.NORMALIZE_SOFTENING * np.sinh(model_input), sigma=REFINE_SMOOTHING, channel_axis=-1,

@@ -57,14 +57,14 @@ class TrainingFailed(RuntimeError):
 
 # ----------------------------------------------------------------- model
 
-def build_resnet18(patch_size=32, bn_momentum=0.9):
+def build_resnet18(patch_size=32, bn_momentum=0.9, channels=3):
     """The seed's ResNet18 patch classifier, from stock Keras layers only.
 
     7x7 stride-2 stem, 3x3 stride-2 max-pool, four stages of two basic
     blocks (64, 128, 256, 512 filters), global average pooling, two Dense 256
     tanh layers and one logit. Input float32, shape (n, patch_size,
-    patch_size, 3), prepared by ``data.prepare_frame``; output (n, 1),
-    > 0 means background.
+    patch_size, channels), prepared by ``data.prepare_frame`` (3 channels,
+    6 with ``data.position_channels``); output (n, 1), > 0 means background.
 
     ``bn_momentum`` is 0.9 rather than Keras's 0.99 because a few hundred
     steps are not enough for 0.99 moving averages to settle; `train` also
@@ -88,7 +88,7 @@ def build_resnet18(patch_size=32, bn_momentum=0.9):
         y = layers.Add(name=f"{name}_add")([shortcut, y])
         return layers.Activation("relu", name=f"{name}_out")(y)
 
-    inputs = keras.Input((patch_size, patch_size, 3), name="patch")
+    inputs = keras.Input((patch_size, patch_size, channels), name="patch")
     x = conv_bn(inputs, 64, 7, 2, "stem")
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, filters in enumerate([64, 128, 256, 512]):
@@ -102,12 +102,12 @@ def build_resnet18(patch_size=32, bn_momentum=0.9):
     return keras.Model(inputs, outputs, name="resnet18")
 
 
-def build_cnn(patch_size=32, bn_momentum=0.9):
+def build_cnn(patch_size=32, bn_momentum=0.9, channels=3):
     """The seed's small CNN, a fast alternative with the same contract."""
     import keras
     from keras import layers
 
-    inputs = keras.Input((patch_size, patch_size, 3), name="patch")
+    inputs = keras.Input((patch_size, patch_size, channels), name="patch")
     x = inputs
     for i, filters in enumerate([32, 64]):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i + 1}")(x)
@@ -174,13 +174,17 @@ def resolve_preprocessing(args, paths):
     normalize = args.normalize
     if normalize == "auto":
         normalize = "background" if survey["min_side"] >= 4 * args.patch_size else "none"
+    if args.position and normalize != "background":
+        raise data.UsageError("--position needs the background normalization (whole frames, --normalize "
+                              f"background); these frames are prepared with '{normalize}'")
     if args.background_sectors and normalize != "background":
         raise data.UsageError("--background_sectors needs the background normalization (whole frames, "
                               f"--normalize background); these frames are prepared with '{normalize}'")
     return {"version": data.PREPROCESSING_VERSION, "normalize": normalize, "full_scale": survey["full_scale"],
             "camera_range": survey["camera_range"], "patch_size": args.patch_size,
             "background_sectors": args.background_sectors if normalize == "background" else 0,
-            "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None}
+            "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None,
+            "position": bool(args.position)}
 
 
 # Patches of the P and of the U frames drawn apart from the training ones
@@ -292,9 +296,9 @@ def estimate_prior(P, U, seed=0, quiet=True, epochs=3, min_steps=150, batch_size
 
     Parameters
     ----------
-    P : ndarray of shape (n_P, p, p, 3), float32
+    P : ndarray of shape (n_P, p, p, 3) or (n_P, p, p, 6), float32
         Positive (background) patches, prepared (``data.prepare_frame``).
-    U : ndarray of shape (n_U, p, p, 3), float32
+    U : ndarray of shape (n_U, p, p, channels), float32
         Unlabeled patches; the prior is the fraction of them that are background.
     seed : int
         Seeds the folds, the batches and the weights.
@@ -338,8 +342,8 @@ def estimate_prior(P, U, seed=0, quiet=True, epochs=3, min_steps=150, batch_size
     P = np.asarray(P, dtype=np.float32)
     U = np.asarray(U, dtype=np.float32)
     for name, patches in (("P", P), ("U", U)):
-        if patches.ndim != 4 or patches.shape[1] != patches.shape[2] or patches.shape[3] != 3:
-            raise ValueError(f"Invalid {name}: expected shape (n, p, p, 3), received {patches.shape}")
+        if patches.ndim != 4 or patches.shape[1] != patches.shape[2] or patches.shape[3] not in (3, 6):
+            raise ValueError(f"Invalid {name}: expected shape (n, p, p, 3) or (n, p, p, 6), received {patches.shape}")
         if len(patches) < 4:
             raise ValueError(f"Invalid {name}: expected at least 4 patches for 2 folds, received {len(patches)}")
     if P.shape[1:] != U.shape[1:]:
@@ -365,7 +369,7 @@ def estimate_prior(P, U, seed=0, quiet=True, epochs=3, min_steps=150, batch_size
         steps = max(epochs * math.ceil(len(U_fit) / (batch_size - batch_size // 2)), min_steps)
         batches = data.make_pu_dataset(P_fit, U_fit, batch_size, seed=seed + fold, augment=True,
                                        steps_per_epoch=steps)
-        model = build_cnn(P.shape[1])
+        model = build_cnn(P.shape[1], channels=P.shape[3])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss=cross_entropy)
         if not quiet:
             print(f"train.py: prior estimation, fold {fold + 1} of {folds}: P-versus-U classifier")
@@ -470,7 +474,7 @@ def fit_model(args, network, prior, P_train, U_train, N_train, P_val, U_val, see
     if len(batches) < MIN_STEPS_PER_EPOCH:
         batches.steps = MIN_STEPS_PER_EPOCH
 
-    model = MODELS[network](args.patch_size)
+    model = MODELS[network](args.patch_size, channels=P_train.shape[3])
 
     def positive_risk(y_true, y_pred):
         return pu_risk(y_true, y_pred, prior, args.loss)["positive_risk"]
@@ -866,7 +870,7 @@ def train(args):
                              f"(see {save_dir / 'config.json'}). Check that P holds no aurora and that --prior "
                              f"fits U, or try --lr {args.lr / 3:.0e}")
     # The saved model is an uncompiled copy: stock layers only, no project module needed.
-    inference_model = MODELS[network](args.patch_size)
+    inference_model = MODELS[network](args.patch_size, channels=data.input_channels(preprocessing))
     inference_model.set_weights(model.get_weights())
     fold_offset(inference_model, offset, scale)
     data.save_model(inference_model, save_dir / "model.keras", preprocessing)
@@ -993,6 +997,10 @@ def build_parser():
                         help="take the outer sky's background per azimuth sector, N around the sky, for glow on "
                              f"one side of the horizon (try {data.BACKGROUND_SECTORS}; default: %(default)s, one "
                              "profile all round)")
+    frames.add_argument("--position", action=argparse.BooleanOptionalAction, default=False,
+                        help="also show the model where in the sky each patch lies, so that glow fixed to the "
+                             "camera (a town, the horizon's airglow) is learnt as background where P shows it; "
+                             "for P and U of one camera and pointing")
     frames.add_argument("--normalize", choices=["auto", *data.NORMALIZATIONS], default="auto",
                         help="what the model sees: 'background' = each frame's excess over its sky's background in "
                              "noise units, 'none' = the frame itself; auto: background for whole frames, none for "

@@ -95,8 +95,9 @@ def run(script, *arguments, check=True):
     return time.time() - started, result.returncode, result.stdout + result.stderr
 
 
-# train.py flags every training of the run adds (--model, --patch_size: main()); a
-# training's own flags come after them and so win (the real patches are 32x32).
+# train.py flags every training of the run adds (--model, --patch_size, --position:
+# main()); a training's own flags come after them and so win (the real patches are
+# 32x32 and have no sky around them to place them in).
 TRAIN_FLAGS = []
 
 
@@ -144,7 +145,8 @@ def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
     and leaves the sky around it below it, in U frames only: a cue that
     tells U from P without being aurora, which training can learn in its
     place. Each patch's excess is lowered by d noise levels in every
-    channel (outside the sky it stays 0). Returns {str(d): share} for d in
+    excess channel (outside the sky it stays 0; position channels, if the
+    model has them, are kept). Returns {str(d): share} for d in
     ``depths`` and 0, or None for a model that sees the frame itself
     (``normalize`` "none").
     """
@@ -161,10 +163,11 @@ def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
                                            rng)[0])
     patches = np.concatenate(patches)
     sky = (patches != 0).any(axis=-1, keepdims=True)  # the model's input is 0 outside the sky
-    excess = data.NORMALIZE_SOFTENING * np.sinh(patches)
+    excess = data.NORMALIZE_SOFTENING * np.sinh(patches[..., :3])
     shares = {}
     for depth in (0, *depths):
-        dimmed = np.arcsinh(np.where(sky, excess - depth, 0) / data.NORMALIZE_SOFTENING).astype(np.float32)
+        dimmed = patches.copy()
+        dimmed[..., :3] = np.arcsinh(np.where(sky, excess - depth, 0) / data.NORMALIZE_SOFTENING)
         shares[str(depth)] = float(np.mean(data.predict_logits(model, dimmed) < 0))
     return shares
 
@@ -304,7 +307,7 @@ def held_out(work, seeds, out):
         results.append({"seed": seed, "train_seconds": seconds, "prior": config["prior"], **scores(rows),
                         "ece": ece, "reliability": table, "shipped": scores(shipped),
                         "dimmed_sky": dimmed_sky(model_dir / "model.keras", ROOT / "dataset/Positive")})
-        flags = "".join(f"_{flag.lstrip('-')}{value}" for flag, value in zip(TRAIN_FLAGS[::2], TRAIN_FLAGS[1::2]))
+        flags = "".join(f"_{text.lstrip('-')}" if text.startswith("--") else text for text in TRAIN_FLAGS)
         reliability_figure(table, out / f"reliability_seed{seed}{flags}.png",
                            f"held-out synthetic frames, seed {seed}: ECE {ece:.3f}")
     return {"seeds": results, "anchor": anchor_scores(frames, masks)}
@@ -432,7 +435,7 @@ def pixel_step_scores(frames, masks, training_frames, patch_size=16):
     import segmentation
     import train
 
-    settings = SimpleNamespace(normalize="auto", patch_size=patch_size, background_sectors=0)
+    settings = SimpleNamespace(normalize="auto", patch_size=patch_size, background_sectors=0, position=False)
     preprocessing = train.resolve_preprocessing(settings, [p for f in training_frames for p in data.list_images(f)])
     before, after = [], []
     for path in sorted(Path(frames).glob("*.png")):
@@ -476,7 +479,7 @@ def real_patch_split(work, split, prior, seed):
             shutil.copy(path, folder / name / f"{path.parent.name}_{path.name}")
     # The labels describe whole 32x32 patches, so the model sees whole patches.
     config, seconds = train_model(folder / "model", folder / "P", folder / "U", seed, "--prior", prior,
-                                  "--patch_size", "32")
+                                  "--patch_size", "32", "--no-position")
     if config is None:
         return {"split": split, "prior_flag": prior, "seed": seed, "failed": True, "seconds": seconds}
     model, _ = data.load_model(folder / "model" / "model.keras")
@@ -646,9 +649,12 @@ def main(argv=None):
     parser.add_argument("--patch_size", type=int, help="train.py's --patch_size for every training but the real "
                                                        "patches' (default: train.py's own); the results go to "
                                                        "results.json as '<set> --patch_size <n>'")
+    parser.add_argument("--position", action="store_true", help="train.py's --position for every training of "
+                                                                "whole frames; the results go to results.json as "
+                                                                "'<set> --position'")
     args = parser.parse_args(argv)
     TRAIN_FLAGS[:] = [text for flag in ("model", "patch_size") if getattr(args, flag) is not None
-                      for text in (f"--{flag}", str(getattr(args, flag)))]
+                      for text in (f"--{flag}", str(getattr(args, flag)))] + (["--position"] if args.position else [])
     suffix = "".join(f" {text}" for text in TRAIN_FLAGS)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """Training that checks itself, rare aurora, science frames' scale: the behaviours the real-skies issue asks for."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -299,3 +301,72 @@ def test_grey_scales_are_chosen_for_monochrome_frames_only_and_stored_with_the_m
     # A model saved before the scales (version 2) sees the same excess in every channel.
     before = data.prepare_frame(frame.pixels, frame.full_scale, {**stored, "version": 2, "grey_scales": None})
     np.testing.assert_array_equal(before.model_input[..., 0], before.model_input[..., 2])
+
+
+# ------------------------------------------------------------ where in the sky: --position
+
+def disk(size, radius):
+    rows, cols = np.ogrid[:size, :size]
+    return np.hypot(rows - (size - 1) / 2, cols - (size - 1) / 2) <= radius
+
+
+def test_position_channels_place_each_pixel_in_its_sky_whatever_the_frame_size():
+    small, large = data.position_channels(disk(101, 40)), data.position_channels(disk(201, 80))
+    centre = (50, 50)
+    np.testing.assert_allclose(small[centre], 0.0, atol=1e-6)
+    # Half way to the rim, below the centre: distance and row offset half the scale, column offset 0.
+    np.testing.assert_allclose(small[70, 50], [0.5 * data.POSITION_SCALE, 0.5 * data.POSITION_SCALE, 0.0], atol=0.03)
+    # The same place in a frame twice the size reads the same.
+    np.testing.assert_allclose(large[140, 100], small[70, 50], atol=0.03)
+    np.testing.assert_allclose(large[100, 60], [0.5 * data.POSITION_SCALE, 0.0, -0.5 * data.POSITION_SCALE],
+                               atol=0.03)
+    assert small[~disk(101, 40)].max() == 0.0 and small[..., 0].max() <= data.POSITION_SCALE * 1.02
+
+
+def test_position_appends_three_channels_and_leaves_the_excess_as_it_was():
+    image, _ = data.synthetic_frame(96, seed=7, aurora=True, town_glow=2.0)
+    image = image.astype(np.float32) / 255
+    sky = data.sky_mask(image)
+    plain = data.normalize_frame(image, sky, 1 / 255)
+    placed = data.normalize_frame(image, sky, 1 / 255, position=True)
+    assert plain.shape[2] == 3 and placed.shape[2] == 6
+    np.testing.assert_array_equal(placed[..., :3], plain)
+    np.testing.assert_array_equal(placed[..., 3:], data.position_channels(sky))
+    # The pixel step reads the excess channels only.
+    np.testing.assert_array_equal(segmentation.excess_map(placed, {"normalize": "background"}),
+                                  segmentation.excess_map(plain, {"normalize": "background"}))
+
+
+@pytest.mark.slow
+def test_a_model_with_positions_trains_segments_and_loads_without_the_project(tmp_path, capsys):
+    P, _ = frames_folder(tmp_path / "P", 4, [False] * 4, seed=700, town_glow=2.0)
+    U, U_masks = frames_folder(tmp_path / "U", 4, [True, False, True, True], seed=800, town_glow=2.0)
+    out = tmp_path / "model"
+    assert train.main(["--P_dataset", str(P), "--U_dataset", str(U), "--save_dir", str(out), "--model", "CNN",
+                       "--patch_size", "16", "--P_n", "600", "--U_n", "800", "--epochs", "2", "--prior", "0.6",
+                       "--position", "--quiet"]) == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["position"] is True and config["preprocessing"]["position"] is True
+    model, stored = data.load_model(out / "model.keras")
+    assert model.input_shape == (None, 16, 16, 6) and stored["version"] == data.PREPROCESSING_VERSION
+    assert segmentation.main(["--dataset", str(U), "--model", str(out / "model.keras"), "--save_dir",
+                              str(tmp_path / "seg"), "--masks", str(U_masks), "--outputs", "mask", "--quiet"]) == 0
+    rows = {row["name"]: row for row in segmentation_summary(tmp_path / "seg")}
+    assert np.mean([float(rows[name]["iou"]) for name in ("f_00", "f_02", "f_03")]) > 0.2, rows
+    # Stock layers only: loads in a bare process, 6 channels in, one logit out.
+    script = ("import keras, numpy as np, sys; m = keras.models.load_model(sys.argv[1], compile=False); "
+              "print(m.predict(np.zeros((2, 16, 16, 6), 'float32'), verbose=0).shape)")
+    done = subprocess.run([sys.executable, "-c", script, str(out / "model.keras")], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and "(2, 1)" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_model_whose_channels_disagree_with_its_preprocessing_is_refused(tmp_path):
+    keras = data.import_keras()
+    inputs = keras.Input((16, 16, 6))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    path = tmp_path / "model.keras"
+    data.save_model(model, path, {"version": data.PREPROCESSING_VERSION, "normalize": "background",
+                                  "camera_range": None, "full_scale": 255.0, "patch_size": 16})
+    with pytest.raises(data.UsageError, match=r"model\.keras: its input has 6 channels but its preprocessing gives 3"):
+        data.load_model(path)
