@@ -681,8 +681,18 @@ def choose_network(flag, prior):
     return "CNN" if prior >= RARE_PRIOR else "ResNet18"
 
 
-def rare_aurora_note(prior, network):
+# With --position a model can learn where the few aurora frames of U have their
+# aurora instead of what aurora looks like; on synthetic nights it did from
+# about this prior on (docs/measurements.md, "Where in the sky").
+POSITION_RARE_PRIOR = 0.95
+
+
+def rare_aurora_note(prior, network, position=False):
     """A line for the user when aurora is too rare in U for ``network`` to have learnt it well, else None."""
+    if position and prior >= POSITION_RARE_PRIOR:
+        return (f"aurora is rare in U (prior {prior:.3f}: {1 - prior:.1%} of its patches); on synthetic nights this "
+                f"rare models trained with --position missed much of the aurora in new frames: train without "
+                f"--position as well and compare the masks")
     if network != "ResNet18" or prior < RARE_PRIOR:
         return None
     return (f"aurora is rare in U (prior {prior:.3f}: {1 - prior:.1%} of its patches); on synthetic nights this rare "
@@ -855,7 +865,7 @@ def train(args):
         "decision_offset": offset,
         "calibration_scale": scale,
         "U_frames_unlike_P": p_coverage(P, U),
-        "rare_aurora_note": rare_aurora_note(prior, network),
+        "rare_aurora_note": rare_aurora_note(prior, network, args.position),
         "frames_without_border": {"P": P.skyless, "U": U.skyless},
         "versions": {"python": platform.python_version(), "keras": keras.__version__, "numpy": np.__version__,
                      **({"tensorflow": _tensorflow_version()} if keras.backend.backend() == "tensorflow" else {})},
