@@ -617,7 +617,7 @@ def list_images(folder, recursive=False):
 # prepares frames exactly as training did. Models saved before this existed
 # have none and get LEGACY_PREPROCESSING: frames divided by their full scale,
 # no normalization.
-PREPROCESSING_VERSION = 4
+PREPROCESSING_VERSION = 5
 LEGACY_PREPROCESSING = {"version": 0, "normalize": "none", "camera_range": None, "full_scale": None}
 
 # Background normalization (``normalize_frame``). The sky's background is the
@@ -659,6 +659,16 @@ NORMALIZATIONS = ("background", "none")
 # 0 to POSITION_SCALE, about the range of the excess channels' sky.
 # Models saved before (preprocessing version 3 and older) have 3 channels.
 POSITION_SCALE = 2.0
+# ``train.py --sky_template`` takes P's median excess at each place in the sky
+# (``sky_template``, a grid of SKY_TEMPLATE_CELLS cells across the sky's
+# diameter) off every frame's excess: light fixed to the camera that the
+# background grid does not follow (the rim's glow, a town, a moon that stands
+# still over a set's minutes) is then no excess, in P and in U alike. Coarse
+# on purpose: a grid as fine as the pixels would also take in P's own stars
+# and noise, and P frames would look unlike U frames. At most
+# SKY_TEMPLATE_FRAMES P frames, evenly spread, are read for it.
+SKY_TEMPLATE_CELLS = 32
+SKY_TEMPLATE_FRAMES = 100
 
 
 def borderless_warning(names):
@@ -1117,7 +1127,8 @@ def pixel_noise(image, sky, floor, background=None):
     return first if refined is None else refined
 
 
-def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_scales=None, position=False):
+def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_scales=None, position=False,
+                    template=None):
     """What the model sees of a frame: excess over the sky's background in units of the pixel noise.
 
     Parameters
@@ -1141,13 +1152,17 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
         ``grey_scales[k]``, instead of each colour over one background.
     position : bool
         Append the three ``position_channels`` (the model's ``position``).
+    template : array_like of shape (cells, cells, 3), optional
+        The model's ``sky_template`` (``sky_template``), in noise levels:
+        taken off the excess before the asinh.
 
     Returns
     -------
     normalized : ndarray of shape (rows, cols, 3), or (rows, cols, 6) with ``position``, float32
         ``asinh((image - background) / (noise * NORMALIZE_SOFTENING))`` per
         channel (``sky_background``, ``pixel_noise``), 0 outside the sky;
-        then, with ``position``, where each pixel lies.
+        less the ``template`` where one is given; then, with ``position``,
+        where each pixel lies.
 
     Notes
     -----
@@ -1168,6 +1183,10 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
             normalized[..., channel] = _excess(grey, sky, quantum, sectors, scale)[..., 0]
     else:
         normalized = _excess(image, sky, quantum, sectors, BACKGROUND_SCALE)
+    if template is not None:
+        excess = np.float32(NORMALIZE_SOFTENING) * np.sinh(normalized)
+        excess -= template_at(template, sky)
+        normalized = np.arcsinh(excess / np.float32(NORMALIZE_SOFTENING))
     normalized[~sky] = 0.0
     if position:
         normalized = np.concatenate([normalized, position_channels(sky)], axis=2)
@@ -1183,16 +1202,136 @@ def position_channels(sky):
     ``POSITION_SCALE``. So the rim is at ``POSITION_SCALE`` in channel 0,
     whatever the frame's size.
     """
-    rows, cols = np.nonzero(sky)
-    if rows.size == 0:
+    if not sky.any():
         return np.zeros((*sky.shape, 3), np.float32)
-    radius = max(rows.max() - rows.min(), cols.max() - cols.min(), 1) / 2
-    down = ((np.arange(sky.shape[0], dtype=np.float32) - (rows.min() + rows.max()) / 2) / radius)[:, None]
-    right = ((np.arange(sky.shape[1], dtype=np.float32) - (cols.min() + cols.max()) / 2) / radius)[None, :]
-    down, right = np.broadcast_arrays(down, right)
+    down, right = np.broadcast_arrays(*sky_coordinates(sky))
     channels = np.stack([np.hypot(down, right), down, right], axis=2) * np.float32(POSITION_SCALE)
     channels[~sky] = 0.0
     return channels.astype(np.float32)
+
+
+def sky_coordinates(sky):
+    """Each row's and column's offset from the sky's centre, in sky radii: arrays of shape (rows, 1) and (1, cols).
+
+    The centre and radius are those of the sky's bounding box, so a fisheye
+    circle maps to the unit disc whatever the frame's size. ``sky`` must
+    hold at least one pixel.
+    """
+    rows, cols = np.nonzero(sky)
+    radius = max(rows.max() - rows.min(), cols.max() - cols.min(), 1) / 2
+    down = ((np.arange(sky.shape[0], dtype=np.float32) - (rows.min() + rows.max()) / 2) / radius)[:, None]
+    right = ((np.arange(sky.shape[1], dtype=np.float32) - (cols.min() + cols.max()) / 2) / radius)[None, :]
+    return down, right
+
+
+def _template_cells(sky, cells):
+    """The (row, column) grid cell of every sky pixel: two int arrays over ``sky``'s True pixels, in row order."""
+    down, right = sky_coordinates(sky)
+    row = np.clip(((down + 1) / 2 * cells).astype(np.intp), 0, cells - 1)
+    col = np.clip(((right + 1) / 2 * cells).astype(np.intp), 0, cells - 1)
+    row, col = np.broadcast_arrays(row, col)
+    return row[sky], col[sky]
+
+
+def frame_template(excess, sky, cells=SKY_TEMPLATE_CELLS):
+    """The median of ``excess`` (rows, cols, channels) in each of cells x cells cells of the sky.
+
+    NaN in cells with less than a quarter of the fullest cell's sky pixels.
+    """
+    row, col = _template_cells(sky, cells)
+    cell = row * cells + col
+    order = np.argsort(cell, kind="stable")
+    starts = np.searchsorted(cell[order], np.arange(cells * cells + 1))
+    values = excess[sky][order]
+    medians = np.full((cells * cells, excess.shape[2]), np.nan, np.float32)
+    counts = np.diff(starts)
+    # A cell the rim only grazes holds a few pixels and a noisy median: left to its neighbours.
+    for index in np.flatnonzero(counts >= counts.max() / 4):
+        medians[index] = np.median(values[starts[index]:starts[index + 1]], axis=0)
+    return medians.reshape(cells, cells, excess.shape[2])
+
+
+def sky_template(frame_templates):
+    """The median of ``frame_template``s over frames, empty cells given their nearest filled cell's value.
+
+    Returns an ndarray of shape (cells, cells, channels), float32, in noise
+    levels (the model's ``sky_template``); zeros when no cell has sky.
+    """
+    from scipy import ndimage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cells no frame's sky reaches: NaN, filled below
+        template = np.nanmedian(np.stack(frame_templates), axis=0)
+    empty = np.isnan(template[..., 0])
+    if empty.all():
+        return np.zeros_like(template, dtype=np.float32)
+    if empty.any():
+        _, (rows, cols) = ndimage.distance_transform_edt(empty, return_indices=True)
+        template = template[rows, cols]
+    return template.astype(np.float32)
+
+
+def build_sky_template(paths, preprocessing, field_of_view=None, frames=SKY_TEMPLATE_FRAMES):
+    """The ``sky_template`` of P's frames: their median excess at each place in the sky, in noise levels.
+
+    Parameters
+    ----------
+    paths : list of pathlib.Path
+        The P frame files; at most ``frames`` frames are read, from files
+        spread evenly over the list. Unreadable files are passed over here
+        (``frame_patches`` reports them).
+    preprocessing : dict
+        The model's settings, without a ``sky_template``.
+    field_of_view : ndarray of shape (rows, cols), bool, optional
+        As for ``prepare_frame``.
+
+    Returns
+    -------
+    ndarray of shape (SKY_TEMPLATE_CELLS, SKY_TEMPLATE_CELLS, 3), float32
+        Cell (i, j) covers rows i and columns j of a SKY_TEMPLATE_CELLS grid
+        over the sky's bounding square (``sky_coordinates``).
+    """
+    chosen = paths[:: max(1, math.ceil(len(paths) / frames))]
+    templates = []
+    for path in chosen:
+        try:
+            for frame in read_frames(path):
+                if frame.error or len(templates) >= frames:
+                    continue
+                prepared = prepare_frame(frame.pixels, frame.full_scale, preprocessing, field_of_view)
+                if prepared.sky.any():
+                    excess = np.float32(NORMALIZE_SOFTENING) * np.sinh(prepared.model_input[..., :3])
+                    templates.append(frame_template(excess, prepared.sky))
+        except DataError:
+            continue
+    if not templates:
+        raise DataError("no P frame could be read for the sky template")
+    return sky_template(templates)
+
+
+def template_at(template, sky):
+    """``sky_template`` read at every pixel of a frame with this sky (bilinear): (rows, cols, channels) float32."""
+    template = np.asarray(template, np.float32)
+    if not sky.any():
+        return np.zeros((*sky.shape, template.shape[2]), np.float32)
+    down, right = sky_coordinates(sky)
+    # Separable: rows (rows x cells) @ template @ columns (cells x cols), per channel.
+    rows = _interpolation_matrix(down[:, 0], template.shape[0])
+    cols = _interpolation_matrix(right[0], template.shape[1])
+    return np.einsum("rk,klc,ql->rqc", rows, template, cols, optimize=True).astype(np.float32)
+
+
+def _interpolation_matrix(offsets, cells):
+    """Linear interpolation weights (len(offsets), cells) of cell centres at (k + 0.5) / cells across [-1, 1]."""
+    position = np.clip((offsets + 1) / 2 * cells - 0.5, 0, cells - 1)
+    lower = np.minimum(position.astype(np.intp), max(cells - 2, 0))
+    weight = (position - lower).astype(np.float32)
+    matrix = np.zeros((len(offsets), cells), np.float32)
+    index = np.arange(len(offsets))
+    matrix[index, lower] = 1 - weight
+    if cells > 1:
+        matrix[index, lower + 1] += weight
+    return matrix
 
 
 def _excess(image, sky, quantum, sectors, scale):
@@ -1262,7 +1401,7 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
     quantum = 1.0 / (high - low)
     model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"),
                                   preprocessing.get("background_sectors", 0), preprocessing.get("grey_scales"),
-                                  bool(preprocessing.get("position")))
+                                  bool(preprocessing.get("position")), preprocessing.get("sky_template"))
     return Prepared(image, model_input, sky, found, quantum)
 
 

@@ -177,6 +177,9 @@ def resolve_preprocessing(args, paths):
     if args.position and normalize != "background":
         raise data.UsageError("--position needs the background normalization (whole frames, --normalize "
                               f"background); these frames are prepared with '{normalize}'")
+    if args.sky_template and normalize != "background":
+        raise data.UsageError("--sky_template needs the background normalization (whole frames, --normalize "
+                              f"background); these frames are prepared with '{normalize}'")
     if args.background_sectors and normalize != "background":
         raise data.UsageError("--background_sectors needs the background normalization (whole frames, "
                               f"--normalize background); these frames are prepared with '{normalize}'")
@@ -184,7 +187,7 @@ def resolve_preprocessing(args, paths):
             "camera_range": survey["camera_range"], "patch_size": args.patch_size,
             "background_sectors": args.background_sectors if normalize == "background" else 0,
             "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None,
-            "position": bool(args.position)}
+            "position": bool(args.position), "sky_template": None}
 
 
 # Patches of the P and of the U frames drawn apart from the training ones
@@ -196,6 +199,11 @@ UNSEEN_PATCHES = 20_000
 UNSEEN_BYTES = 256 * 2**20
 
 
+def read_field_of_view(args):
+    """The user's sky (``--field_of_view``, ``--min_elevation``) as a bool array, or None."""
+    return data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation) if args.field_of_view else None
+
+
 def load_patch_sets(args, preprocessing, rng):
     """Patches of the P, U (and N) frames: ``data.PatchSet`` each (N None without --N_dataset).
 
@@ -205,8 +213,7 @@ def load_patch_sets(args, preprocessing, rng):
     them).
     """
     affordable = UNSEEN_BYTES // (4 * 3 * args.patch_size ** 2)
-    field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
-                     if args.field_of_view else None)
+    field_of_view = read_field_of_view(args)
 
     def patches(folders, total, label, stream=None):
         unseen = 0 if stream is None else min(UNSEEN_PATCHES, affordable, 10 * total)
@@ -818,6 +825,10 @@ def train(args):
     # Data: every frame prepared as segmentation will prepare it, then patches.
     paths = frame_files(args.P_dataset, args.recursive) + frame_files([args.U_dataset], args.recursive)
     preprocessing = resolve_preprocessing(args, paths)
+    if args.sky_template:
+        template = data.build_sky_template(frame_files(args.P_dataset, args.recursive), preprocessing,
+                                           read_field_of_view(args))
+        preprocessing["sky_template"] = np.round(template, 3).tolist()
     P, U, N = load_patch_sets(args, preprocessing, rng)
     n_p_val = min(args.P_n_sacrifice if args.P_n_sacrifice is not None else len(P.patches) // 10,
                   len(P.patches) - 1)
@@ -846,7 +857,7 @@ def train(args):
         "model": network, "model_flag": args.model,
         "prior": prior, "prior_given": None if args.prior == "auto" else float(args.prior),
         "prior_estimate": prior_estimate,
-        "preprocessing": preprocessing,
+        "preprocessing": {**preprocessing, "sky_template": template_summary(preprocessing["sky_template"])},
         "P_frames": len(P.names), "U_frames": len(U.names),
         "P_patches": [len(p_train), len(p_val)], "U_patches": [len(u_train), len(u_val)],
         "N_patches": None if N is None else len(N.patches),
@@ -873,6 +884,8 @@ def train(args):
     (save_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     if (save_dir / "history.csv").exists():
         plot_history(save_dir / "history.csv", save_dir / "loss.png")
+    if preprocessing["sky_template"] is not None:
+        plot_sky_template(preprocessing["sky_template"], save_dir / "sky_template.png")
     u_shown = u_logits[u_val] if len(u_val) else u_logits
     plot_predictions(scale * (p_val_logits - offset), scale * (u_shown - offset), save_dir / "prediction.png")
     if failure:
@@ -930,6 +943,35 @@ def plot_history(history_csv, path):
     ax.set_ylabel("risk")
     ax.legend()
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def template_summary(template):
+    """What config.json says of a ``sky_template`` (the grid itself is in model.keras), or None."""
+    if template is None:
+        return None
+    values = np.asarray(template, np.float32)
+    return {"cells": list(values.shape[:2]), "channels": values.shape[2], "noise_levels": [float(values.min()),
+            float(values.max())], "figure": "sky_template.png", "in": "model.keras"}
+
+
+def plot_sky_template(template, path):
+    """The sky template (``data.build_sky_template``), one panel per channel, into ``path`` (PNG)."""
+    from matplotlib.figure import Figure
+
+    values = np.asarray(template, np.float32)
+    centres = (np.arange(values.shape[0]) + 0.5) / values.shape[0] * 2 - 1
+    outside = np.hypot(centres[:, None], centres[None, :]) > 1  # the fill beyond the sky's circle
+    values = np.where(outside[..., None], np.nan, values)
+    fig = Figure(figsize=(3.2 * values.shape[2] + 1, 3.4), layout="constrained")
+    axes = fig.subplots(1, values.shape[2], squeeze=False)[0]
+    limit = max(float(np.nanmax(np.abs(values))), 1e-3)
+    for channel, ax in enumerate(axes):
+        shown = ax.imshow(values[..., channel], cmap="RdBu_r", vmin=-limit, vmax=limit, extent=(-1, 1, 1, -1))
+        ax.set_title(f"channel {channel}", fontsize=9)
+        ax.set_xlabel("columns (sky radii)")
+    axes[0].set_ylabel("rows (sky radii)")
+    fig.colorbar(shown, ax=list(axes), label="P's median excess (noise levels)")
     fig.savefig(path, dpi=100)
 
 
@@ -1011,6 +1053,10 @@ def build_parser():
                         help="also show the model where in the sky each patch lies, so that glow fixed to the "
                              "camera (a town, the horizon's airglow) is learnt as background where P shows it; "
                              "for P and U of one camera and pointing")
+    frames.add_argument("--sky_template", action=argparse.BooleanOptionalAction, default=False,
+                        help="take P's median excess at each place in the sky off every frame, so that glow fixed "
+                             "to the camera (horizon, town light, a moon that stays put) is not aurora; for P and U "
+                             "of one camera and pointing")
     frames.add_argument("--normalize", choices=["auto", *data.NORMALIZATIONS], default="auto",
                         help="what the model sees: 'background' = each frame's excess over its sky's background in "
                              "noise units, 'none' = the frame itself; auto: background for whole frames, none for "
@@ -1168,7 +1214,9 @@ def main(argv=None):
         print(f"train.py: training failed: {error}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     if not args.quiet:
-        print(f"train.py: wrote model.keras, config.json, history.csv, loss.png and prediction.png to {args.save_dir}")
+        extra = ", sky_template.png" if args.sky_template else ""
+        print(f"train.py: wrote model.keras, config.json, history.csv, loss.png{extra} and prediction.png to "
+              f"{args.save_dir}")
         print(f"train.py: on patches apart from its training ones, the model calls "
               f"{config['unseen_U_fraction_aurora']:.1%} of U and {config['unseen_P_fraction_aurora']:.1%} of P "
               f"aurora; the prior {config['prior']:.3f} says {1 - config['prior']:.1%} of U is")

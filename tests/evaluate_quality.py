@@ -95,7 +95,7 @@ def run(script, *arguments, check=True):
     return time.time() - started, result.returncode, result.stdout + result.stderr
 
 
-# train.py flags every training of the run adds (--model, --patch_size, --position:
+# train.py flags every training of the run adds (--model, --patch_size, --position, --sky_template:
 # main()); a training's own flags come after them and so win (the real patches are
 # 32x32 and have no sky around them to place them in).
 TRAIN_FLAGS = []
@@ -435,7 +435,8 @@ def pixel_step_scores(frames, masks, training_frames, patch_size=16):
     import segmentation
     import train
 
-    settings = SimpleNamespace(normalize="auto", patch_size=patch_size, background_sectors=0, position=False)
+    settings = SimpleNamespace(normalize="auto", patch_size=patch_size, background_sectors=0, position=False,
+                               sky_template=False)
     preprocessing = train.resolve_preprocessing(settings, [p for f in training_frames for p in data.list_images(f)])
     before, after = [], []
     for path in sorted(Path(frames).glob("*.png")):
@@ -479,7 +480,7 @@ def real_patch_split(work, split, prior, seed):
             shutil.copy(path, folder / name / f"{path.parent.name}_{path.name}")
     # The labels describe whole 32x32 patches, so the model sees whole patches.
     config, seconds = train_model(folder / "model", folder / "P", folder / "U", seed, "--prior", prior,
-                                  "--patch_size", "32", "--no-position")
+                                  "--patch_size", "32", "--no-position", "--no-sky_template")
     if config is None:
         return {"split": split, "prior_flag": prior, "seed": seed, "failed": True, "seconds": seconds}
     model, _ = data.load_model(folder / "model" / "model.keras")
@@ -652,9 +653,13 @@ def main(argv=None):
     parser.add_argument("--position", action="store_true", help="train.py's --position for every training of "
                                                                 "whole frames; the results go to results.json as "
                                                                 "'<set> --position'")
+    parser.add_argument("--sky_template", action="store_true", help="train.py's --sky_template for every training "
+                                                                    "of whole frames; the results go to "
+                                                                    "results.json as '<set> --sky_template'")
     args = parser.parse_args(argv)
     TRAIN_FLAGS[:] = [text for flag in ("model", "patch_size") if getattr(args, flag) is not None
-                      for text in (f"--{flag}", str(getattr(args, flag)))] + (["--position"] if args.position else [])
+                      for text in (f"--{flag}", str(getattr(args, flag)))] + [
+        f"--{flag}" for flag in ("position", "sky_template") if getattr(args, flag)]
     suffix = "".join(f" {text}" for text in TRAIN_FLAGS)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)

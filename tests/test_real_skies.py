@@ -337,18 +337,78 @@ def test_position_appends_three_channels_and_leaves_the_excess_as_it_was():
                                   segmentation.excess_map(plain, {"normalize": "background"}))
 
 
+# ------------------------------------------------------------ P's sky: --sky_template
+
+def smooth_excess(size, radius):
+    """An excess (noise levels) rising toward the rim and to one side, as horizon and town glow do; and its sky."""
+    sky = disk(size, radius)
+    down, right = np.broadcast_arrays(*data.sky_coordinates(sky))
+    field = 3 * (down ** 2 + right ** 2) + 2 * right
+    return np.repeat(field[..., None], 3, axis=2).astype(np.float32), sky
+
+
+def test_sky_template_reads_back_a_smooth_excess_whatever_the_frame_size():
+    field, sky = smooth_excess(201, 90)
+    # The median over frames: the frames 1 above and 1 below the field do not move it.
+    template = data.sky_template([data.frame_template(field + offset, sky) for offset in (-1, 0, 1)])
+    assert template.shape == (data.SKY_TEMPLATE_CELLS, data.SKY_TEMPLATE_CELLS, 3)
+    for size, radius in ((201, 90), (101, 45), (300, 140)):
+        other, other_sky = smooth_excess(size, radius)
+        down, right = np.broadcast_arrays(*data.sky_coordinates(other_sky))
+        inner = other_sky & (np.hypot(down, right) < 0.9)
+        np.testing.assert_allclose(data.template_at(template, other_sky)[inner], other[inner], atol=0.15)
+    # Cells beyond the sky take their nearest filled neighbour's value: no hole at the rim.
+    assert not np.isnan(template).any()
+
+
+def test_the_template_is_taken_off_the_excess_in_noise_levels():
+    image, _ = data.synthetic_frame(96, seed=7, aurora=True, town_glow=2.0)
+    image = image.astype(np.float32) / 255
+    sky = data.sky_mask(image)
+    plain = data.normalize_frame(image, sky, 1 / 255)
+    less = data.normalize_frame(image, sky, 1 / 255, template=np.full((32, 32, 3), 2.0, np.float32))
+    softening = data.NORMALIZE_SOFTENING
+    np.testing.assert_allclose(softening * np.sinh(less[sky]), softening * np.sinh(plain[sky]) - 2.0, atol=1e-3)
+    assert not less[~sky].any()
+
+
+def test_a_template_of_aurora_free_frames_takes_out_glow_fixed_to_the_camera(tmp_path):
+    """Town glow at one place on the horizon of every frame: the template of P's frames takes it off U's."""
+    for k in range(4):
+        image, _ = data.synthetic_frame(128, seed=700 + k, aurora=False, town_glow=2.0, cloud_cover=0)
+        Image.fromarray(image).save(tmp_path / f"p_{k}.png")
+    frame, _ = data.synthetic_frame(128, seed=800, aurora=False, town_glow=2.0, cloud_cover=0)
+    preprocessing = {"version": data.PREPROCESSING_VERSION, "normalize": "background", "full_scale": 255.0,
+                     "camera_range": [0.0, 255.0], "patch_size": 16, "background_sectors": 0, "grey_scales": None}
+    template = data.build_sky_template(sorted(tmp_path.glob("*.png")), preprocessing)
+    plain = data.prepare_frame(frame.astype(np.float32), 255.0, preprocessing)
+    less = data.prepare_frame(frame.astype(np.float32), 255.0, {**preprocessing, "sky_template": template.tolist()})
+    down, right = np.broadcast_arrays(*data.sky_coordinates(plain.sky))
+    rim = plain.sky & (np.hypot(down, right) > 0.8)
+
+    def bright(prepared):  # share of the rim more than 3 noise levels above its background
+        return float(np.mean(data.NORMALIZE_SOFTENING * np.sinh(prepared.model_input[rim].max(axis=1)) > 3))
+
+    assert bright(plain) > 0.3 and bright(less) < bright(plain) / 2, (bright(plain), bright(less))
+
+
 @pytest.mark.slow
-def test_a_model_with_positions_trains_segments_and_loads_without_the_project(tmp_path, capsys):
+def test_a_model_with_positions_and_a_sky_template_trains_segments_and_loads_without_the_project(
+        tmp_path, capsys):
     P, _ = frames_folder(tmp_path / "P", 4, [False] * 4, seed=700, town_glow=2.0)
     U, U_masks = frames_folder(tmp_path / "U", 4, [True, False, True, True], seed=800, town_glow=2.0)
     out = tmp_path / "model"
     assert train.main(["--P_dataset", str(P), "--U_dataset", str(U), "--save_dir", str(out), "--model", "CNN",
                        "--patch_size", "16", "--P_n", "600", "--U_n", "800", "--epochs", "2", "--prior", "0.6",
-                       "--position", "--quiet"]) == 0, capsys.readouterr().err
+                       "--position", "--sky_template", "--quiet"]) == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["position"] is True and config["preprocessing"]["position"] is True
+    assert config["preprocessing"]["sky_template"]["cells"] == [data.SKY_TEMPLATE_CELLS] * 2
+    assert (out / "sky_template.png").stat().st_size > 0
     model, stored = data.load_model(out / "model.keras")
     assert model.input_shape == (None, 16, 16, 6) and stored["version"] == data.PREPROCESSING_VERSION
+    # The template travels in model.keras, so that segmentation takes it off as training did.
+    assert np.asarray(stored["sky_template"]).shape == (data.SKY_TEMPLATE_CELLS, data.SKY_TEMPLATE_CELLS, 3)
     assert segmentation.main(["--dataset", str(U), "--model", str(out / "model.keras"), "--save_dir",
                               str(tmp_path / "seg"), "--masks", str(U_masks), "--outputs", "mask", "--quiet"]) == 0
     rows = {row["name"]: row for row in segmentation_summary(tmp_path / "seg")}

@@ -172,6 +172,7 @@ def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
     # 48x48 images are patches (under 4 patches a side): no sky around them to take sectors of.
     (["--background_sectors", "12"], r"--background_sectors needs the background normalization"),
     (["--position"], r"--position needs the background normalization"),
+    (["--sky_template"], r"--sky_template needs the background normalization"),
 ])
 def test_bad_flags_exit_2_with_one_line(folders, tmp_path, capsys, extra, message):
     save_dir = tmp_path / "out"
