@@ -123,8 +123,13 @@ def test_p_frames_whose_patches_score_like_u_aurora_are_named():
     with_aurora = clean.copy()
     with_aurora[150:165] = rng.normal(-4, 0.5, 15)
     assert train.p_frames_with_aurora({"u_scores": u_scores, "p_scores": with_aurora}, 0.9, P) == ["f3"]
-    # Where the prior leaves U (almost) no aurora there is no tail to compare with: nothing is named.
-    assert train.p_frames_with_aurora({"u_scores": u_scores, "p_scores": with_aurora}, 0.99, P) == []
+    # Where the prior leaves U less than P_CHECK_MIN_AURORA of aurora the check is not made (it has no
+    # power there); frame 3's aurora, brighter than U's, would otherwise be named.
+    bright = clean.copy()
+    bright[150:165] = -10.0
+    u_rare = np.concatenate([rng.normal(0, 1, 970), rng.normal(-8, 0.5, 30)])
+    assert train.p_frames_with_aurora({"u_scores": u_rare, "p_scores": bright}, 0.95, P) == ["f3"]
+    assert train.p_frames_with_aurora({"u_scores": u_rare, "p_scores": bright}, 0.975, P) == []
 
 
 def test_estimate_prior_rejects_bad_input():
