@@ -1153,8 +1153,8 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
     position : bool
         Append the three ``position_channels`` (the model's ``position``).
     template : array_like of shape (cells, cells, 3), optional
-        The model's ``sky_template`` (``sky_template``), in noise levels:
-        taken off the excess before the asinh.
+        The model's ``sky_template`` (``build_sky_template``), in noise
+        levels: taken off the excess before the asinh.
 
     Returns
     -------
@@ -1186,7 +1186,8 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
     if template is not None:
         excess = np.float32(NORMALIZE_SOFTENING) * np.sinh(normalized)
         excess -= template_at(template, sky)
-        normalized = np.arcsinh(excess / np.float32(NORMALIZE_SOFTENING))
+        excess /= np.float32(NORMALIZE_SOFTENING)
+        normalized = np.arcsinh(excess, out=excess)  # in place: one full-size temporary, not three
     normalized[~sky] = 0.0
     if position:
         normalized = np.concatenate([normalized, position_channels(sky)], axis=2)
