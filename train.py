@@ -174,15 +174,10 @@ def resolve_preprocessing(args, paths):
     normalize = args.normalize
     if normalize == "auto":
         normalize = "background" if survey["min_side"] >= 4 * args.patch_size else "none"
-    if args.position and normalize != "background":
-        raise data.UsageError("--position needs the background normalization (whole frames, --normalize "
-                              f"background); these frames are prepared with '{normalize}'")
-    if args.sky_template and normalize != "background":
-        raise data.UsageError("--sky_template needs the background normalization (whole frames, --normalize "
-                              f"background); these frames are prepared with '{normalize}'")
-    if args.background_sectors and normalize != "background":
-        raise data.UsageError("--background_sectors needs the background normalization (whole frames, "
-                              f"--normalize background); these frames are prepared with '{normalize}'")
+    for flag in ("position", "sky_template", "background_sectors"):  # each works on the excess over the background
+        if getattr(args, flag) and normalize != "background":
+            raise data.UsageError(f"--{flag} needs the background normalization (whole frames, --normalize "
+                                  f"background); these frames are prepared with '{normalize}'")
     return {"version": data.PREPROCESSING_VERSION, "normalize": normalize, "full_scale": survey["full_scale"],
             "camera_range": survey["camera_range"], "patch_size": args.patch_size,
             "background_sectors": args.background_sectors if normalize == "background" else 0,
