@@ -2058,7 +2058,7 @@ def data_shuffle(X, Y, seed, allowed=PU_LABELS):
 
 # ------------------------------------------------------------ batches
 
-def augment_patches(patches, rng):
+def augment_patches(patches, rng, offset=0.0):
     """Each patch in one of its 8 orientations (flips and 90-degree rotations), chosen at random.
 
     The sky in a fisheye frame has no preferred orientation, so every
@@ -2069,6 +2069,11 @@ def augment_patches(patches, rng):
     patches : ndarray of shape (n, p, p, channels)
         Square patches; not modified.
     rng : numpy.random.Generator
+    offset : float
+        For patches of ``normalize_frame``'s excess: each patch's first
+        three channels are also moved by its own random amount, uniform in
+        [-offset, offset] noise levels per channel (in the excess, before
+        the asinh; outside the sky they stay 0). See ``BACKGROUND_JITTER``.
 
     Returns
     -------
@@ -2083,6 +2088,12 @@ def augment_patches(patches, rng):
             continue
         block = np.rot90(patches[chosen], k=code % 4, axes=(1, 2))
         augmented[chosen] = block[:, :, ::-1] if code >= 4 else block
+    if offset:
+        shifts = rng.uniform(-offset, offset, size=(len(augmented), 1, 1, 3)).astype(np.float32)
+        excess = augmented[..., :3]
+        sky = (augmented != 0).any(axis=-1, keepdims=True)  # the excess is 0 outside the sky
+        softening = np.float32(NORMALIZE_SOFTENING)
+        excess[:] = np.where(sky, np.arcsinh(np.sinh(excess) + shifts / softening), 0.0)
     return augmented
 
 
@@ -2132,8 +2143,8 @@ class _Batches:
     every Keras backend.
     """
 
-    def __init__(self, arrays, labels, counts, seed, augment, steps_per_epoch):
-        self.arrays, self.counts = arrays, counts
+    def __init__(self, arrays, labels, counts, seed, augment, steps_per_epoch, offset=0.0):
+        self.arrays, self.counts, self.offset = arrays, counts, float(offset)
         # (batch,) labels, the same for every batch: streams in order.
         self.labels = np.concatenate([np.full(count, label, np.float32) for label, count in zip(labels, counts)])
         self.seed, self.augment = int(seed), bool(augment)
@@ -2168,7 +2179,7 @@ class _Batches:
         parts.append(self.arrays[-1][self._unlabeled_order()[positions]])
         x = np.concatenate(parts)
         if self.augment:
-            x = augment_patches(x, np.random.default_rng([self.seed, 2, self.epoch, index]))
+            x = augment_patches(x, np.random.default_rng([self.seed, 2, self.epoch, index]), self.offset)
         return x, self.labels
 
     def on_epoch_end(self):
@@ -2188,11 +2199,11 @@ class PUBatches(_Batches):
     n_p P patches first, y (batch_size,) float32, +1 for P and -1 for U.
     """
 
-    def __init__(self, P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None):
+    def __init__(self, P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None, offset=0.0):
         P, U = _check_patches(P, "P"), _check_patches(U, "U")
         batch_size = _check_batch_size(batch_size, 2)
         n_p = int(np.clip(round(batch_size * _check_fraction(p_fraction, "p_fraction")), 1, batch_size - 1))
-        super().__init__([P, U], [1.0, -1.0], [n_p, batch_size - n_p], seed, augment, steps_per_epoch)
+        super().__init__([P, U], [1.0, -1.0], [n_p, batch_size - n_p], seed, augment, steps_per_epoch, offset)
 
 
 class PNUBatches(_Batches):
@@ -2203,16 +2214,16 @@ class PNUBatches(_Batches):
     """
 
     def __init__(self, P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, seed=0, augment=True,
-                 steps_per_epoch=None):
+                 steps_per_epoch=None, offset=0.0):
         P, N, U = _check_patches(P, "P"), _check_patches(N, "N"), _check_patches(U, "U")
         batch_size = _check_batch_size(batch_size, 3)
         n_p = int(np.clip(round(batch_size * _check_fraction(p_fraction, "p_fraction")), 1, batch_size - 2))
         n_n = int(np.clip(round(batch_size * _check_fraction(n_fraction, "n_fraction")), 1, batch_size - n_p - 1))
         super().__init__([P, N, U], [1.0, -1.0, 0.0], [n_p, n_n, batch_size - n_p - n_n], seed, augment,
-                         steps_per_epoch)
+                         steps_per_epoch, offset)
 
 
-def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None):
+def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, steps_per_epoch=None, offset=0.0):
     """Training batches for PU learning in which every batch holds both P and U patches.
 
     Parameters
@@ -2234,6 +2245,10 @@ def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, step
     steps_per_epoch : int, optional
         Batches per epoch; default ``ceil(n_U / n_u)``, so that one epoch
         visits every U patch once (the last batch wraps around to the start).
+    offset : float
+        With ``augment``, each patch's excess also moved by up to this many
+        noise levels (``augment_patches``); 0 for patches that are not
+        ``normalize_frame``'s excess.
 
     Returns
     -------
@@ -2257,11 +2272,11 @@ def make_pu_dataset(P, U, batch_size, p_fraction=0.5, seed=0, augment=True, step
     batch is one fancy-indexing gather per stream, far cheaper than a
     training step; the arrays are not copied.
     """
-    return PUBatches(P, U, batch_size, p_fraction, seed, augment, steps_per_epoch)
+    return PUBatches(P, U, batch_size, p_fraction, seed, augment, steps_per_epoch, offset)
 
 
 def make_pnu_dataset(P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, seed=0, augment=True,
-                     steps_per_epoch=None):
+                     steps_per_epoch=None, offset=0.0):
     """Training batches for PNU learning in which every batch holds P, N and U patches.
 
     Parameters
@@ -2277,7 +2292,7 @@ def make_pnu_dataset(P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, se
     p_fraction, n_fraction : float
         Shares of P and N, each in (0, 1); each count is rounded and kept at
         >= 1, and U gets the rest (at least 1).
-    seed, augment, steps_per_epoch
+    seed, augment, steps_per_epoch, offset
         As in ``make_pu_dataset``; an epoch visits every U patch once and P
         and N cycle.
 
@@ -2292,7 +2307,7 @@ def make_pnu_dataset(P, N, U, batch_size, p_fraction=1 / 3, n_fraction=1 / 3, se
     ValueError
         batch_size below 3, a fraction outside (0, 1), or an empty set.
     """
-    return PNUBatches(P, N, U, batch_size, p_fraction, n_fraction, seed, augment, steps_per_epoch)
+    return PNUBatches(P, N, U, batch_size, p_fraction, n_fraction, seed, augment, steps_per_epoch, offset)
 
 
 # ------------------------------------------------------------ synthetic all-sky frames

@@ -174,8 +174,9 @@ def resolve_preprocessing(args, paths):
     normalize = args.normalize
     if normalize == "auto":
         normalize = "background" if survey["min_side"] >= 4 * args.patch_size else "none"
-    for flag in ("position", "sky_template", "background_sectors"):  # each works on the excess over the background
-        if getattr(args, flag) and normalize != "background":
+    # Each works on the excess over the background.
+    for flag in ("position", "sky_template", "background_sectors", "background_jitter"):
+        if getattr(args, flag, None) and normalize != "background":
             raise data.UsageError(f"--{flag} needs the background normalization (whole frames, --normalize "
                                   f"background); these frames are prepared with '{normalize}'")
     return {"version": data.PREPROCESSING_VERSION, "normalize": normalize, "full_scale": survey["full_scale"],
@@ -192,6 +193,28 @@ def resolve_preprocessing(args, paths):
 # UNSEEN_BYTES of them each, so that large patches stay affordable.
 UNSEEN_PATCHES = 20_000
 UNSEEN_BYTES = 256 * 2**20
+
+
+# ``--background_jitter``'s value with ``--sky_template`` (in noise levels):
+# a frame's background estimate is off by up to a level or two, by an amount
+# that depends on what the frame holds (wide aurora lifts it and leaves the
+# sky around it below it), and a network reads a patch's mean excess far
+# more finely than that. With the glow taken off by the template, that
+# offset is what tells U's aurora frames from P best, to the prior estimator
+# above all, unless each training patch is moved by a random one
+# (docs/measurements.md, "Background offsets in training").
+BACKGROUND_JITTER = 2.0
+
+
+def background_jitter(args, preprocessing):
+    """The noise levels by which training moves each patch's excess at random (``data.augment_patches``).
+
+    ``--background_jitter`` itself; by default ``BACKGROUND_JITTER`` with a
+    sky template and 0 without (the default's figures were measured so).
+    """
+    if args.background_jitter is not None:
+        return args.background_jitter
+    return BACKGROUND_JITTER if preprocessing.get("sky_template") is not None else 0.0
 
 
 def read_field_of_view(args):
@@ -285,7 +308,7 @@ def checkerboard_folds(patch_set, patch_size):
 
 
 def estimate_prior(P, U, seed=0, quiet=True, epochs=3, min_steps=150, batch_size=64, delta=0.1,
-                   min_separation=3.0, p_folds=None, u_folds=None, min_p_mass=0.9):
+                   min_separation=3.0, p_folds=None, u_folds=None, min_p_mass=0.9, offset=0.0):
     """Estimate the class prior of ``U`` (fraction of background) with BBE on a cross-fitted P-versus-U CNN.
 
     The patches are split into two folds (``p_folds``, ``u_folds``; see
@@ -325,6 +348,9 @@ def estimate_prior(P, U, seed=0, quiet=True, epochs=3, min_steps=150, batch_size
         because P and U come from different frames (or nights): a flexible
         classifier then finds P-only regions in the extreme tail, where plain
         BBE estimates too low.
+    offset : float
+        The classifier's batches move each patch's excess by up to this many
+        noise levels (``data.augment_patches``, ``--background_jitter``).
 
     Returns
     -------
@@ -370,7 +396,7 @@ def estimate_prior(P, U, seed=0, quiet=True, epochs=3, min_steps=150, batch_size
         held_p, held_u = p_fold == fold, u_fold == fold
         steps = max(epochs * math.ceil(len(U_fit) / (batch_size - batch_size // 2)), min_steps)
         batches = data.make_pu_dataset(P_fit, U_fit, batch_size, seed=seed + fold, augment=True,
-                                       steps_per_epoch=steps)
+                                       steps_per_epoch=steps, offset=offset)
         model = build_cnn(P.shape[1], channels=P.shape[3])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss=cross_entropy)
         if not quiet:
@@ -477,9 +503,11 @@ def fit_model(args, network, prior, P_train, U_train, N_train, P_val, U_val, see
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     if N_train is None:
-        batches = data.make_pu_dataset(P_train, U_train, args.batchsize, seed=seed, augment=args.augment)
+        batches = data.make_pu_dataset(P_train, U_train, args.batchsize, seed=seed, augment=args.augment,
+                                       offset=args.background_jitter)
     else:
-        batches = data.make_pnu_dataset(P_train, N_train, U_train, args.batchsize, seed=seed, augment=args.augment)
+        batches = data.make_pnu_dataset(P_train, N_train, U_train, args.batchsize, seed=seed, augment=args.augment,
+                                        offset=args.background_jitter)
     # An epoch is one pass over the U patches, but at least MIN_STEPS_PER_EPOCH
     # batches, so that a folder of a hundred patches still trains.
     if len(batches) < MIN_STEPS_PER_EPOCH:
@@ -747,7 +775,7 @@ def choose_prior(args, P, U, p_train, u_train):
                               f"{len(u_train)}: draw more with --P_n and --U_n, or pass --prior")
     estimate = estimate_prior(P.patches[p_train], U.patches[u_train], seed=args.seed, quiet=args.quiet,
                               p_folds=checkerboard_folds(P, args.patch_size)[p_train],
-                              u_folds=checkerboard_folds(U, args.patch_size)[u_train])
+                              u_folds=checkerboard_folds(U, args.patch_size)[u_train], offset=args.background_jitter)
     prior = resolve_prior(estimate)
     aurora_in_p = p_frames_with_aurora(estimate, prior, P._replace(frame_of=P.frame_of[p_train]))
     if aurora_in_p:
@@ -833,6 +861,7 @@ def train(args):
         template = data.build_sky_template(frame_files(args.P_dataset, args.recursive), preprocessing,
                                            read_field_of_view(args))
         preprocessing["sky_template"] = np.round(template, 3).tolist()
+    args.background_jitter = background_jitter(args, preprocessing)  # config.json records the value used
     P, U, N = load_patch_sets(args, preprocessing, rng)
     n_p_val = min(args.P_n_sacrifice if args.P_n_sacrifice is not None else len(P.patches) // 10,
                   len(P.patches) - 1)
@@ -1000,6 +1029,17 @@ def plot_predictions(p_logits, u_logits, path):
 
 # ------------------------------------------------------------------- CLI
 
+def nonnegative_float(text):
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {value}")
+    return value
+
+
 def prior_value(text):
     """argparse type for --prior: ``auto`` (estimate it, see `estimate_prior`) or a number strictly between 0 and 1."""
     if text == "auto":
@@ -1087,6 +1127,11 @@ def build_parser():
                        help="trainings from other initial weights when a model collapses (default: %(default)s)")
     model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="random flips and 90-degree rotations of training patches")
+    model.add_argument("--background_jitter", type=nonnegative_float, default=None, metavar="LEVELS",
+                       help="with --augment, also move each training patch's excess over the background by a random "
+                            "amount of up to this many noise levels, so that how far a frame's background estimate "
+                            "is off (wide aurora lifts it) does not tell P from U (default: "
+                            f"{BACKGROUND_JITTER:g} with --sky_template, else 0)")
     model.add_argument("--early_stopping", action=argparse.BooleanOptionalAction, default=False,
                        help="stop when the held-out PU zero-one risk has not improved for --patience epochs and keep "
                             "the best epoch's weights")

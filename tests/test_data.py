@@ -339,6 +339,23 @@ def test_augmentation_gives_the_eight_orientations():
     assert {sample.tobytes() for sample in augmented} == orientations
 
 
+def test_background_jitter_moves_each_patch_s_excess_by_its_own_amount_within_the_sky():
+    rng = np.random.default_rng(0)
+    excess = rng.normal(0.0, 1.0, (300, 8, 8, 3)).astype(np.float32)
+    patches = np.arcsinh(excess / data.NORMALIZE_SOFTENING)
+    patches[:, :2] = 0.0  # rows outside the sky
+    plain = data.augment_patches(patches, np.random.default_rng(1))
+    moved = data.augment_patches(patches, np.random.default_rng(1), offset=2.0)
+    sky = (plain != 0).any(axis=-1)
+    np.testing.assert_array_equal(moved[~sky], 0.0)
+    shift = data.NORMALIZE_SOFTENING * (np.sinh(moved) - np.sinh(plain))  # in noise levels, same orientations
+    per_patch = [shift[k][sky[k]] for k in range(len(shift))]
+    assert all(np.ptp(values, axis=0).max() < 1e-4 for values in per_patch)  # one amount per patch and channel
+    amounts = np.array([values[0] for values in per_patch])
+    assert np.abs(amounts).max() <= 2.0 + 1e-4 and np.abs(amounts).max() > 1.8 and abs(amounts.mean()) < 0.2
+    assert np.corrcoef(amounts[:, 0], amounts[:, 1])[0, 1] < 0.3  # each channel its own
+
+
 def test_pu_batch_size_too_small():
     with pytest.raises(ValueError, match="Invalid batchsize: every batch needs at least 2 patches"):
         data.make_pu_dataset(tagged_patches(2, 0), tagged_patches(2, 10), 1)

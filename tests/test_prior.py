@@ -103,6 +103,25 @@ def test_p_and_u_alike_stop_with_what_to_do():
         train.resolve_prior(result)
 
 
+def test_background_jitter_keeps_frames_of_a_clear_night_from_looking_unlike_p():
+    # No aurora anywhere: each frame's sky sits a little off its background
+    # estimate, by its own amount in each channel (up to a noise level), as
+    # real frames minutes apart do. A classifier tells P's frames from U's
+    # by those amounts, and the estimate falls far below the truth (1).
+    rng = np.random.default_rng(2)
+
+    def frames(n_frames, per_frame=40):
+        levels = np.repeat(rng.uniform(-1, 1, (n_frames, 1, 1, 3)), per_frame, axis=0)
+        excess = rng.normal(0.0, 1.0, (n_frames * per_frame, 16, 16, 3)) + levels
+        return np.arcsinh(excess / data.NORMALIZE_SOFTENING).astype("float32")
+
+    P, U = frames(10), frames(10)
+    plain = train.estimate_prior(P, U, seed=0, min_steps=60)
+    jittered = train.estimate_prior(P, U, seed=0, min_steps=60, offset=2.0)
+    assert plain["estimate"] < 0.4 and plain["auc"] > 0.85, plain
+    assert jittered["estimate"] > plain["estimate"] + 0.15 and jittered["auc"] < plain["auc"] - 0.05, jittered
+
+
 def test_an_estimate_above_the_range_stops_and_one_below_is_clipped():
     above = {"estimate": 0.999, "distinguishable": True, "auc": 0.5, "separation": 0.0, "tail_separation": 4.0}
     with pytest.raises(data.UsageError, match=r"estimated class prior is 0\.999"):

@@ -404,6 +404,7 @@ def test_a_model_with_positions_and_a_sky_template_trains_segments_and_loads_wit
     config = json.loads((out / "config.json").read_text())
     assert config["position"] is True and config["preprocessing"]["position"] is True
     assert config["preprocessing"]["sky_template"]["cells"] == [data.SKY_TEMPLATE_CELLS] * 2
+    assert config["background_jitter"] == train.BACKGROUND_JITTER  # the template's default
     assert (out / "sky_template.png").stat().st_size > 0
     model, stored = data.load_model(out / "model.keras")
     assert model.input_shape == (None, 16, 16, 6) and stored["version"] == data.PREPROCESSING_VERSION

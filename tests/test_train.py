@@ -73,7 +73,7 @@ def test_config_records_the_resolved_settings(trained, folders):
     config = json.loads((trained / "config.json").read_text())
     assert config["prior"] == config["prior_given"] == PRIOR
     assert config["method"] == "nnPU" and config["balanced"] is True and config["loss"] == "logistic"
-    assert config["model"] == "CNN"
+    assert config["model"] == "CNN" and config["background_jitter"] == 0.0  # patches: no excess to move
     assert config["P_dataset"] == [str(folders / "P")]
     assert config["P_frames"] == 6 and config["U_frames"] == 8
     assert config["P_patches"] == [180, 20] and config["U_patches"] == [360, 40]
@@ -173,6 +173,8 @@ def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
     (["--background_sectors", "12"], r"--background_sectors needs the background normalization"),
     (["--position"], r"--position needs the background normalization"),
     (["--sky_template"], r"--sky_template needs the background normalization"),
+    (["--background_jitter", "1"], r"--background_jitter needs the background normalization"),
+    (["--background_jitter", "-1"], r"argument --background_jitter: expected a number >= 0, received -1.0"),
 ])
 def test_bad_flags_exit_2_with_one_line(folders, tmp_path, capsys, extra, message):
     save_dir = tmp_path / "out"
