@@ -195,26 +195,14 @@ UNSEEN_PATCHES = 20_000
 UNSEEN_BYTES = 256 * 2**20
 
 
-# ``--background_jitter``'s value with ``--sky_template`` (in noise levels):
-# a frame's background estimate is off by up to a level or two, by an amount
-# that depends on what the frame holds (wide aurora lifts it and leaves the
-# sky around it below it), and a network reads a patch's mean excess far
-# more finely than that. With the glow taken off by the template, that
-# offset is what tells U's aurora frames from P best, to the prior estimator
-# above all, unless each training patch is moved by a random one
+# The ``--background_jitter`` to try first, in noise levels. Each frame's sky
+# sits a little off its background estimate, by its own amount (wide aurora
+# lifts the estimate and leaves the sky around it below it), and a network
+# reads a patch's mean excess far more finely than that: with
+# ``--sky_template`` the prior estimator told even U's aurora-free frames
+# from P by it, unless each training patch was moved by a random offset
 # (docs/measurements.md, "Background offsets in training").
 BACKGROUND_JITTER = 2.0
-
-
-def background_jitter(args, preprocessing):
-    """The noise levels by which training moves each patch's excess at random (``data.augment_patches``).
-
-    ``--background_jitter`` itself; by default ``BACKGROUND_JITTER`` with a
-    sky template and 0 without (the default's figures were measured so).
-    """
-    if args.background_jitter is not None:
-        return args.background_jitter
-    return BACKGROUND_JITTER if preprocessing.get("sky_template") is not None else 0.0
 
 
 def read_field_of_view(args):
@@ -861,7 +849,6 @@ def train(args):
         template = data.build_sky_template(frame_files(args.P_dataset, args.recursive), preprocessing,
                                            read_field_of_view(args))
         preprocessing["sky_template"] = np.round(template, 3).tolist()
-    args.background_jitter = background_jitter(args, preprocessing)  # config.json records the value used
     P, U, N = load_patch_sets(args, preprocessing, rng)
     n_p_val = min(args.P_n_sacrifice if args.P_n_sacrifice is not None else len(P.patches) // 10,
                   len(P.patches) - 1)
@@ -1127,11 +1114,11 @@ def build_parser():
                        help="trainings from other initial weights when a model collapses (default: %(default)s)")
     model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="random flips and 90-degree rotations of training patches")
-    model.add_argument("--background_jitter", type=nonnegative_float, default=None, metavar="LEVELS",
-                       help="with --augment, also move each training patch's excess over the background by a random "
-                            "amount of up to this many noise levels, so that how far a frame's background estimate "
-                            "is off (wide aurora lifts it) does not tell P from U (default: "
-                            f"{BACKGROUND_JITTER:g} with --sky_template, else 0)")
+    model.add_argument("--background_jitter", type=nonnegative_float, default=0.0, metavar="LEVELS",
+                       help="also move each training patch's excess over the background by a random amount of up "
+                            "to this many noise levels (with --augment; in the prior estimate always), so that how "
+                            "far a frame's background estimate is off counts less in telling P from U (try "
+                            f"{BACKGROUND_JITTER:g}, with --sky_template; default: %(default)s)")
     model.add_argument("--early_stopping", action=argparse.BooleanOptionalAction, default=False,
                        help="stop when the held-out PU zero-one risk has not improved for --patience epochs and keep "
                             "the best epoch's weights")

@@ -95,8 +95,8 @@ def run(script, *arguments, check=True):
     return time.time() - started, result.returncode, result.stdout + result.stderr
 
 
-# train.py flags every training of the run adds (--model, --patch_size, --position, --sky_template:
-# main()); a training's own flags come after them and so win (the real patches are
+# train.py flags every training of the run adds (--model, --patch_size, --background_jitter, --position,
+# --sky_template: main()); a training's own flags come after them and so win (the real patches are
 # 32x32 and have no sky around them to place them in).
 TRAIN_FLAGS = []
 
@@ -480,7 +480,8 @@ def real_patch_split(work, split, prior, seed):
             shutil.copy(path, folder / name / f"{path.parent.name}_{path.name}")
     # The labels describe whole 32x32 patches, so the model sees whole patches.
     config, seconds = train_model(folder / "model", folder / "P", folder / "U", seed, "--prior", prior,
-                                  "--patch_size", "32", "--no-position", "--no-sky_template")
+                                  "--patch_size", "32", "--no-position", "--no-sky_template",
+                                  "--background_jitter", "0")
     if config is None:
         return {"split": split, "prior_flag": prior, "seed": seed, "failed": True, "seconds": seconds}
     model, _ = data.load_model(folder / "model" / "model.keras")
@@ -656,8 +657,11 @@ def main(argv=None):
     parser.add_argument("--sky_template", action="store_true", help="train.py's --sky_template for every training "
                                                                     "of whole frames; the results go to "
                                                                     "results.json as '<set> --sky_template'")
+    parser.add_argument("--background_jitter", type=float, help="train.py's --background_jitter for every training "
+                                                                 "of whole frames; the results go to results.json as "
+                                                                 "'<set> --background_jitter <levels>'")
     args = parser.parse_args(argv)
-    TRAIN_FLAGS[:] = [text for flag in ("model", "patch_size") if getattr(args, flag) is not None
+    TRAIN_FLAGS[:] = [text for flag in ("model", "patch_size", "background_jitter") if getattr(args, flag) is not None
                       for text in (f"--{flag}", str(getattr(args, flag)))] + [
         f"--{flag}" for flag in ("position", "sky_template") if getattr(args, flag)]
     suffix = "".join(f" {text}" for text in TRAIN_FLAGS)

@@ -400,11 +400,12 @@ def test_a_model_with_positions_and_a_sky_template_trains_segments_and_loads_wit
     out = tmp_path / "model"
     assert train.main(["--P_dataset", str(P), "--U_dataset", str(U), "--save_dir", str(out), "--model", "CNN",
                        "--patch_size", "16", "--P_n", "600", "--U_n", "800", "--epochs", "2", "--prior", "0.6",
-                       "--position", "--sky_template", "--quiet"]) == 0, capsys.readouterr().err
+                       "--position", "--sky_template", "--background_jitter", "2", "--quiet"]) == 0, \
+        capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["position"] is True and config["preprocessing"]["position"] is True
     assert config["preprocessing"]["sky_template"]["cells"] == [data.SKY_TEMPLATE_CELLS] * 2
-    assert config["background_jitter"] == train.BACKGROUND_JITTER  # the template's default
+    assert config["background_jitter"] == 2.0
     assert (out / "sky_template.png").stat().st_size > 0
     model, stored = data.load_model(out / "model.keras")
     assert model.input_shape == (None, 16, 16, 6) and stored["version"] == data.PREPROCESSING_VERSION
