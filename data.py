@@ -2073,7 +2073,7 @@ def augment_patches(patches, rng, offset=0.0):
         For patches of ``normalize_frame``'s excess: each patch's first
         three channels are also moved by its own random amount, uniform in
         [-offset, offset] noise levels per channel (in the excess, before
-        the asinh; outside the sky they stay 0). See ``BACKGROUND_JITTER``.
+        the asinh; outside the sky they stay 0). See ``train.BACKGROUND_JITTER``.
 
     Returns
     -------
