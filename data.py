@@ -2089,12 +2089,32 @@ def augment_patches(patches, rng, offset=0.0):
         block = np.rot90(patches[chosen], k=code % 4, axes=(1, 2))
         augmented[chosen] = block[:, :, ::-1] if code >= 4 else block
     if offset:
-        shifts = rng.uniform(-offset, offset, size=(len(augmented), 1, 1, 3)).astype(np.float32)
-        excess = augmented[..., :3]
-        sky = (augmented != 0).any(axis=-1, keepdims=True)  # the excess is 0 outside the sky
-        softening = np.float32(NORMALIZE_SOFTENING)
-        excess[:] = np.where(sky, np.arcsinh(np.sinh(excess) + shifts / softening), 0.0)
+        augmented = shift_excess(augmented, rng.uniform(-offset, offset, size=(len(augmented), 1, 1, 3)))
     return augmented
+
+
+def shift_excess(patches, levels):
+    """Patches of ``normalize_frame``'s output with their excess moved by ``levels`` noise levels.
+
+    Parameters
+    ----------
+    patches : ndarray of shape (n, p, p, channels), float32
+        Not modified. The first three channels are the excess (asinh of
+        noise levels over ``NORMALIZE_SOFTENING``); position channels, if
+        any, are kept.
+    levels : float or array_like broadcastable to (n, 1, 1, 3)
+        Added to the excess before the asinh, per patch and channel.
+
+    Returns
+    -------
+    ndarray like ``patches``; the outside of the sky (every channel 0) stays 0.
+    """
+    shifted = patches.copy()
+    sky = (patches != 0).any(axis=-1, keepdims=True)
+    softening = np.float32(NORMALIZE_SOFTENING)
+    moved = np.arcsinh(np.sinh(patches[..., :3]) + np.asarray(levels, np.float32) / softening)
+    shifted[..., :3] = np.where(sky, moved, 0.0)
+    return shifted
 
 
 def _stream_indices(seed, stream, length, start, count):

@@ -162,14 +162,8 @@ def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
         patches.append(data.sample_patches(prepared.model_input, prepared.sky, data.patch_size_of(model), per_frame,
                                            rng)[0])
     patches = np.concatenate(patches)
-    sky = (patches != 0).any(axis=-1, keepdims=True)  # the model's input is 0 outside the sky
-    excess = data.NORMALIZE_SOFTENING * np.sinh(patches[..., :3])
-    shares = {}
-    for depth in (0, *depths):
-        dimmed = patches.copy()
-        dimmed[..., :3] = np.arcsinh(np.where(sky, excess - depth, 0) / data.NORMALIZE_SOFTENING)
-        shares[str(depth)] = float(np.mean(data.predict_logits(model, dimmed) < 0))
-    return shares
+    return {str(depth): float(np.mean(data.predict_logits(model, data.shift_excess(patches, -depth)) < 0))
+            for depth in (0, *depths)}
 
 
 # ------------------------------------------------------------ frames with true masks
