@@ -617,7 +617,7 @@ def list_images(folder, recursive=False):
 # prepares frames exactly as training did. Models saved before this existed
 # have none and get LEGACY_PREPROCESSING: frames divided by their full scale,
 # no normalization.
-PREPROCESSING_VERSION = 5
+PREPROCESSING_VERSION = 6
 LEGACY_PREPROCESSING = {"version": 0, "normalize": "none", "camera_range": None, "full_scale": None}
 
 # Background normalization (``normalize_frame``). The sky's background is the
@@ -669,6 +669,20 @@ POSITION_SCALE = 2.0
 # SKY_TEMPLATE_FRAMES P frames, evenly spread, are read for it.
 SKY_TEMPLATE_CELLS = 32
 SKY_TEMPLATE_FRAMES = 100
+# With the template, bright sky is also left out of the background
+# (``bright_sky``, the model's ``mask_bright``, version 6): wide aurora
+# otherwise lifts the background estimate of the sky around it, far beyond
+# itself, and a frame with aurora then reads darker than P's frames all over,
+# which a P-versus-U classifier takes for aurora and which pulls the prior
+# estimate down. Bright means more than BRIGHT_LEVELS noise levels above P's
+# template once smoothed by a Gaussian of BRIGHT_SMOOTHING pixels (a pixel's
+# own noise stays far below it), grown by BRIGHT_GROWTH pixels to take in
+# the aurora's fainter edges. Light that P shows at the same place (the
+# rim's glow, a moon that stays put) is in the template and so stays in the
+# background, as without.
+BRIGHT_LEVELS = 2.0
+BRIGHT_SMOOTHING = 1.5
+BRIGHT_GROWTH = 3
 
 
 def borderless_warning(names):
@@ -858,7 +872,7 @@ def estimate_camera_range(samples, full_scale):
 
 
 def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANTILE, blocks=BACKGROUND_BLOCKS,
-                   sectors=0):
+                   sectors=0, leave_out=None):
     """The sky's smooth background brightness, without stars or aurora.
 
     Parameters
@@ -875,6 +889,9 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     sectors : int
         Azimuth sectors of the outer profile (``BACKGROUND_SECTORS``); 0 =
         one profile all round.
+    leave_out : ndarray of shape (rows, cols), bool, optional
+        Sky pixels not to take levels from (``bright_sky``); the sky's
+        centre and size still come from ``sky``.
 
     Returns
     -------
@@ -915,6 +932,8 @@ def sky_background(image, sky, scale=BACKGROUND_SCALE, quantile=BACKGROUND_QUANT
     # a multiple of step, so blocks still start on sampled pixels.
     per_block = cell // step
     masked, values = sky[::step, ::step], image[::step, ::step]
+    if leave_out is not None:
+        masked = masked & ~leave_out[::step, ::step]
     profile = _radial_profile(values, masked, centre, step, diameter / 2, blocks, quantile)
     if sectors:
         profile = _sector_profile(profile, values, masked, centre, step, diameter / 2, blocks // 2, quantile, sectors)
@@ -1128,7 +1147,7 @@ def pixel_noise(image, sky, floor, background=None):
 
 
 def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_scales=None, position=False,
-                    template=None):
+                    template=None, mask_bright=False):
     """What the model sees of a frame: excess over the sky's background in units of the pixel noise.
 
     Parameters
@@ -1155,6 +1174,10 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
     template : array_like of shape (cells, cells, 3), optional
         The model's ``sky_template`` (``build_sky_template``), in noise
         levels: taken off the excess before the asinh.
+    mask_bright : bool
+        With ``template``: the backgrounds are taken from the sky less its
+        ``bright_sky`` (the model's ``mask_bright``; False for models saved
+        before it).
 
     Returns
     -------
@@ -1176,13 +1199,16 @@ def normalize_frame(image, sky, quantum, method="background", sectors=0, grey_sc
         return image
     if method != "background":
         raise ValueError(f"Invalid method: expected one of {NORMALIZATIONS}, received {method!r}")
+    bright = None
+    if template is not None and mask_bright:
+        bright = bright_sky(image, sky, quantum, sectors, bool(grey_scales), template)
     if grey_scales:
         grey = image.mean(axis=2, keepdims=True, dtype=np.float32)
         normalized = np.empty((*image.shape[:2], len(grey_scales)), np.float32)
         for channel, scale in enumerate(grey_scales):  # one channel at a time: a 4096x4096 frame's is 64 MB
-            normalized[..., channel] = _excess(grey, sky, quantum, sectors, scale)[..., 0]
+            normalized[..., channel] = _excess(grey, sky, quantum, sectors, scale, bright)[..., 0]
     else:
-        normalized = _excess(image, sky, quantum, sectors, BACKGROUND_SCALE)
+        normalized = _excess(image, sky, quantum, sectors, BACKGROUND_SCALE, bright)
     if template is not None:
         excess = np.float32(NORMALIZE_SOFTENING) * np.sinh(normalized)
         excess -= template_at(template, sky)
@@ -1282,7 +1308,11 @@ def build_sky_template(paths, preprocessing, field_of_view=None, frames=SKY_TEMP
         spread evenly over the list. Unreadable files are passed over here
         (``frame_patches`` reports them).
     preprocessing : dict
-        The model's settings, without a ``sky_template``.
+        The model's settings, without a ``sky_template``. With
+        ``mask_bright`` the frames are read twice: the bright sky is found
+        against the template of the first reading, and the second adds what
+        P's excess keeps above it once its bright sky is left out of the
+        background (P's stars).
     field_of_view : ndarray of shape (rows, cols), bool, optional
         As for ``prepare_frame``.
 
@@ -1293,8 +1323,19 @@ def build_sky_template(paths, preprocessing, field_of_view=None, frames=SKY_TEMP
         over the sky's bounding square (``sky_coordinates``).
     """
     chosen = paths[:: max(1, math.ceil(len(paths) / frames))]
+    template = sky_template(_frame_templates(chosen, {**preprocessing, "sky_template": None}, field_of_view,
+                                             frames))
+    if preprocessing.get("mask_bright"):
+        residual = sky_template(_frame_templates(chosen, {**preprocessing, "sky_template": template.tolist()},
+                                                 field_of_view, frames))
+        template = template + residual
+    return template
+
+
+def _frame_templates(paths, preprocessing, field_of_view, frames):
+    """``frame_template`` of each of the first ``frames`` readable frames of ``paths``, as prepared."""
     templates = []
-    for path in chosen:
+    for path in paths:
         try:
             for frame in read_frames(path):
                 if frame.error or len(templates) >= frames:
@@ -1307,7 +1348,7 @@ def build_sky_template(paths, preprocessing, field_of_view=None, frames=SKY_TEMP
             continue
     if not templates:
         raise DataError("no P frame could be read for the sky template")
-    return sky_template(templates)
+    return templates
 
 
 def template_at(template, sky):
@@ -1335,14 +1376,56 @@ def _interpolation_matrix(offsets, cells):
     return matrix
 
 
-def _excess(image, sky, quantum, sectors, scale):
+def _excess(image, sky, quantum, sectors, scale, leave_out=None):
     """``asinh((image - background) / (noise * NORMALIZE_SOFTENING))`` per channel, for ``normalize_frame``."""
-    background = sky_background(image, sky, scale=scale, sectors=sectors)
+    background = sky_background(image, sky, scale=scale, sectors=sectors, leave_out=leave_out)
     noise = pixel_noise(image, sky, 0.5 * quantum, background)
     normalized = background  # reused in place: one full-size temporary, not three
     np.subtract(image, background, out=normalized)
     normalized /= noise * np.float32(NORMALIZE_SOFTENING)
     return np.arcsinh(normalized, out=normalized)
+
+
+def bright_sky(image, sky, quantum, sectors, grey, template):
+    """The sky that stands above P's ``sky_template``: aurora, and what else P does not show there.
+
+    Parameters
+    ----------
+    image : ndarray of shape (rows, cols, 3), float32
+        The frame in [0, 1].
+    sky : ndarray of shape (rows, cols), bool
+    quantum, sectors
+        As for ``normalize_frame``.
+    grey : bool
+        A monochrome camera's model: the channels' mean is looked at, against
+        the template's first channel (the widest background scale).
+    template : array_like of shape (cells, cells, 3)
+        The model's ``sky_template``, in noise levels.
+
+    Returns
+    -------
+    ndarray of shape (rows, cols), bool
+        Sky pixels whose excess over a first background (``sky_background``
+        of ``BACKGROUND_SCALE``), in noise levels, less the template, smoothed
+        by ``BRIGHT_SMOOTHING`` pixels, exceeds ``BRIGHT_LEVELS`` in any
+        channel; grown by ``BRIGHT_GROWTH`` pixels. None are (all False)
+        where they would leave less than a fifth of the sky: a background
+        needs sky to be taken from.
+    """
+    from scipy import ndimage
+
+    if grey:
+        image = image.mean(axis=2, keepdims=True, dtype=np.float32)
+    background = sky_background(image, sky, sectors=sectors)
+    excess = image - background
+    excess /= pixel_noise(image, sky, 0.5 * quantum, background)
+    excess -= template_at(template, sky)[..., :excess.shape[2]]
+    excess[~sky] = 0.0
+    above = ndimage.gaussian_filter(excess.max(axis=2), BRIGHT_SMOOTHING) > BRIGHT_LEVELS
+    bright = ndimage.binary_dilation(above & sky, iterations=BRIGHT_GROWTH) & sky
+    if bright.sum() > 0.8 * sky.sum():
+        bright[:] = False
+    return bright
 
 
 class Prepared(NamedTuple):
@@ -1402,7 +1485,8 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
     quantum = 1.0 / (high - low)
     model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"),
                                   preprocessing.get("background_sectors", 0), preprocessing.get("grey_scales"),
-                                  bool(preprocessing.get("position")), preprocessing.get("sky_template"))
+                                  bool(preprocessing.get("position")), preprocessing.get("sky_template"),
+                                  bool(preprocessing.get("mask_bright")))
     return Prepared(image, model_input, sky, found, quantum)
 
 

@@ -183,7 +183,7 @@ def resolve_preprocessing(args, paths):
             "camera_range": survey["camera_range"], "patch_size": args.patch_size,
             "background_sectors": args.background_sectors if normalize == "background" else 0,
             "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None,
-            "position": bool(args.position), "sky_template": None}
+            "position": bool(args.position), "sky_template": None, "mask_bright": bool(args.sky_template)}
 
 
 # Patches of the P and of the U frames drawn apart from the training ones
