@@ -1421,7 +1421,7 @@ def bright_sky(image, sky, quantum, sectors, grey, template):
     excess /= pixel_noise(image, sky, 0.5 * quantum, background)
     excess -= template_at(template, sky)[..., :excess.shape[2]]
     excess[~sky] = 0.0
-    above = ndimage.gaussian_filter(excess.max(axis=2), BRIGHT_SMOOTHING) > BRIGHT_LEVELS
+    above = ndimage.gaussian_filter(excess, (BRIGHT_SMOOTHING, BRIGHT_SMOOTHING, 0)).max(axis=2) > BRIGHT_LEVELS
     bright = ndimage.binary_dilation(above & sky, iterations=BRIGHT_GROWTH) & sky
     if bright.sum() > 0.8 * sky.sum():
         bright[:] = False
