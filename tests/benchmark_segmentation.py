@@ -5,6 +5,7 @@ Run from the project folder::
     python tests/benchmark_segmentation.py --model Results/model.keras
     python tests/benchmark_segmentation.py --model Results/model.keras --large     # adds a 4096x4096 frame
     python tests/benchmark_segmentation.py --model Results/model.keras --archive   # folder runs of 50 to 500 frames
+    python tests/benchmark_segmentation.py --only_preparation                      # data.prepare_frame alone
 
 It prints one table, one row per segmentation method: seconds per frame,
 patches evaluated, peak memory, agreement (IoU of the aurora masks) with the
@@ -413,6 +414,8 @@ def main(argv=None):
     parser.add_argument("--archive_frames", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--archive_outputs", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--archive_out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only_preparation", action=argparse.BooleanOptionalAction, default=False,
+                        help="time data.prepare_frame alone, as each kind of model prepares frames, and stop")
     parser.add_argument("--train_steps", type=int, default=300, help="timed training steps of the CNN")
     parser.add_argument("--train_steps_resnet", type=int, default=100, help="timed training steps of the ResNet18")
     parser.add_argument("--train_batchsize", type=int, default=64, help="training batch size (train.py's default)")
@@ -434,6 +437,9 @@ def main(argv=None):
         print(json.dumps(report))
         return 0
 
+    if args.only_preparation:
+        print_preparation(args)
+        return 0
     if not Path(args.model).is_file():
         parser.error(f"model file not found: {args.model} (train one with train.py, or pass --model)")
     load = lambda: open("/proc/loadavg").read().split()[:3]  # noqa: E731
@@ -507,6 +513,31 @@ def main(argv=None):
         print_archive(archive, args)
     print(f"load average at end {' '.join(end_load)} (2-core machine shared with other jobs)")
     return 0
+
+
+def print_preparation(args):
+    """Seconds of ``data.prepare_frame`` per frame, colour and grey, by what the model's preprocessing asks."""
+    import data
+
+    template = np.zeros((data.SKY_TEMPLATE_CELLS, data.SKY_TEMPLATE_CELLS, 3)).tolist()
+    kinds = {"background": {}, "--sky_template (version 5)": {"sky_template": template},
+             "--sky_template, bright sky left out (version 6)": {"sky_template": template, "mask_bright": True}}
+    print(f"data.prepare_frame, {args.size}x{args.size} generator frames, median of {args.frames} frames after one "
+          f"unmeasured; load average {open('/proc/loadavg').read().split()[0]}")
+    for colour in (True, False):
+        frames = [data.synthetic_frame(args.size, seed=k)[0].astype(np.float32) for k in range(args.frames + 1)]
+        if not colour:
+            frames = [np.repeat(frame.mean(axis=2, keepdims=True), 3, axis=2) for frame in frames]
+        for name, extra in kinds.items():
+            preprocessing = {"version": data.PREPROCESSING_VERSION, "normalize": "background", "full_scale": 255.0,
+                             "camera_range": [0.0, 255.0], "background_sectors": 0,
+                             "grey_scales": None if colour else list(data.GREY_SCALES), **extra}
+            seconds = []
+            for frame in frames:
+                started = time.perf_counter()
+                data.prepare_frame(frame, 255.0, preprocessing)
+                seconds.append(time.perf_counter() - started)
+            print(f"  {'colour' if colour else 'grey'}, {name}: {np.median(seconds[1:]) * 1000:.0f} ms per frame")
 
 
 def print_archive(results, args):

@@ -392,6 +392,57 @@ def test_a_template_of_aurora_free_frames_takes_out_glow_fixed_to_the_camera(tmp
     assert bright(plain) > 0.3 and bright(less) < bright(plain) / 2, (bright(plain), bright(less))
 
 
+def town_glow_template(folder, preprocessing):
+    """A sky template of four aurora-free synthetic frames with town glow, built as train.py builds it."""
+    for k in range(4):
+        image, _ = data.synthetic_frame(128, seed=700 + k, aurora=False, town_glow=2.0, cloud_cover=0)
+        Image.fromarray(image).save(folder / f"p_{k}.png")
+    return data.build_sky_template(sorted(folder.glob("p_*.png")), preprocessing)
+
+
+BRIGHT_PREPROCESSING = {"version": data.PREPROCESSING_VERSION, "normalize": "background", "full_scale": 255.0,
+                        "camera_range": [0.0, 255.0], "patch_size": 16, "background_sectors": 0,
+                        "grey_scales": None, "mask_bright": True}
+
+
+def test_bright_sky_is_the_aurora_and_not_the_glow_p_shows(tmp_path):
+    template = town_glow_template(tmp_path, BRIGHT_PREPROCESSING)
+    clear, _ = data.synthetic_frame(128, seed=800, aurora=False, town_glow=2.0, cloud_cover=0)
+    aurora, mask = data.synthetic_frame(128, seed=802, aurora=True, town_glow=2.0, cloud_cover=0)
+    for frame in (clear, aurora):
+        image = frame.astype(np.float32) / 255
+        sky = data.sky_mask(image)
+        bright = data.bright_sky(image, sky, 1 / 255, 0, False, template)
+        assert not bright[~sky].any()
+        if frame is clear:
+            # The glow is in the template: against none, much more of a clear frame stands out.
+            unexplained = data.bright_sky(image, sky, 1 / 255, 0, False, np.zeros_like(template))
+            assert bright[sky].mean() < 0.6 * unexplained[sky].mean(), (bright[sky].mean(), unexplained[sky].mean())
+        else:
+            assert bright[mask > 0].mean() > 0.9
+
+
+def test_bright_sky_left_out_changes_new_models_only_and_keeps_p_at_its_template(tmp_path):
+    template = town_glow_template(tmp_path, BRIGHT_PREPROCESSING).tolist()
+    frame, _ = data.synthetic_frame(128, seed=801, aurora=True, town_glow=2.0, cloud_cover=0)
+    new = data.prepare_frame(frame.astype(np.float32), 255.0, {**BRIGHT_PREPROCESSING, "sky_template": template})
+    # A model saved before mask_bright (preprocessing version 5) has no such key: prepared as it was trained.
+    old = {key: value for key, value in BRIGHT_PREPROCESSING.items() if key != "mask_bright"}
+    before = data.prepare_frame(frame.astype(np.float32), 255.0, {**old, "version": 5, "sky_template": template})
+    image = frame.astype(np.float32) / 255
+    np.testing.assert_array_equal(before.model_input,
+                                  data.normalize_frame(image, before.sky, 1 / 255, template=template))
+    assert not np.allclose(new.model_input, before.model_input)
+    # The template is P's excess as prepared with its bright sky left out (a second reading of P): P's frames
+    # then sit at it, where a template of the first reading alone leaves them 0.04 to 0.14 levels above.
+    cells = []
+    for path in sorted(tmp_path.glob("p_*.png")):
+        pixels = np.asarray(Image.open(path)).astype(np.float32)
+        prepared = data.prepare_frame(pixels, 255.0, {**BRIGHT_PREPROCESSING, "sky_template": template})
+        cells.append(data.frame_template(data.NORMALIZE_SOFTENING * np.sinh(prepared.model_input), prepared.sky))
+    assert abs(np.nanmedian(np.stack(cells))) < 0.03, np.nanmedian(np.stack(cells))
+
+
 @pytest.mark.slow
 def test_a_model_with_positions_and_a_sky_template_trains_segments_and_loads_without_the_project(
         tmp_path, capsys):
@@ -411,6 +462,7 @@ def test_a_model_with_positions_and_a_sky_template_trains_segments_and_loads_wit
     assert model.input_shape == (None, 16, 16, 6) and stored["version"] == data.PREPROCESSING_VERSION
     # The template travels in model.keras, so that segmentation takes it off as training did.
     assert np.asarray(stored["sky_template"]).shape == (data.SKY_TEMPLATE_CELLS, data.SKY_TEMPLATE_CELLS, 3)
+    assert stored["mask_bright"] is True and config["preprocessing"]["mask_bright"] is True
     assert segmentation.main(["--dataset", str(U), "--model", str(out / "model.keras"), "--save_dir",
                               str(tmp_path / "seg"), "--masks", str(U_masks), "--outputs", "mask", "--quiet"]) == 0
     rows = {row["name"]: row for row in segmentation_summary(tmp_path / "seg")}
