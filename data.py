@@ -1416,9 +1416,8 @@ def bright_sky(image, sky, quantum, sectors, grey, template):
 
     if grey:
         image = image.mean(axis=2, keepdims=True, dtype=np.float32)
-    background = sky_background(image, sky, sectors=sectors)
-    excess = image - background
-    excess /= pixel_noise(image, sky, 0.5 * quantum, background)
+    # The excess a model without ``mask_bright`` sees, back in noise levels.
+    excess = np.float32(NORMALIZE_SOFTENING) * np.sinh(_excess(image, sky, quantum, sectors, BACKGROUND_SCALE))
     excess -= template_at(template, sky)[..., :excess.shape[2]]
     excess[~sky] = 0.0
     above = ndimage.gaussian_filter(excess, (BRIGHT_SMOOTHING, BRIGHT_SMOOTHING, 0)).max(axis=2) > BRIGHT_LEVELS
