@@ -245,7 +245,7 @@ def test_rare_aurora_note_points_resnet18_at_the_cnn_only_when_aurora_is_rare():
 def test_rare_aurora_note_points_position_models_at_a_run_without_it():
     note = train.rare_aurora_note(train.POSITION_RARE_PRIOR, "CNN", position=True)
     assert "--position" in note and "prior 0.950" in note
-    assert train.rare_aurora_note(train.POSITION_RARE_PRIOR - 0.01, "ResNet18", position=True) is None
+    assert train.rare_aurora_note(train.POSITION_RARE_PRIOR - 0.01, "CNN", position=True) is None
 
 
 def test_model_auto_is_the_resnet18_unless_aurora_is_rare():
