@@ -2966,6 +2966,17 @@ def nonnegative_int(text):
     return value
 
 
+def nonnegative_float(text):
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}") from None
+    if not 0 <= value < np.inf:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {value}")
+    return value
+
+
 def _frame_size(text):
     """argparse type: a frame side of at least 16 pixels."""
     value = positive_int(text)

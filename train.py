@@ -1019,17 +1019,6 @@ def plot_predictions(p_logits, u_logits, path):
 
 # ------------------------------------------------------------------- CLI
 
-def nonnegative_float(text):
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {value}")
-    return value
-
-
 def prior_value(text):
     """argparse type for --prior: ``auto`` (estimate it, see `estimate_prior`) or a number strictly between 0 and 1."""
     if text == "auto":
@@ -1117,7 +1106,7 @@ def build_parser():
                        help="trainings from other initial weights when a model collapses (default: %(default)s)")
     model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="random flips and 90-degree rotations of training patches")
-    model.add_argument("--background_jitter", type=nonnegative_float, default=0.0, metavar="LEVELS",
+    model.add_argument("--background_jitter", type=data.nonnegative_float, default=0.0, metavar="LEVELS",
                        help="also move each training patch's excess over the background by a random amount of up "
                             "to this many noise levels (with --augment; in the prior estimate always), so that how "
                             "far a frame's background estimate is off counts less in telling P from U (try "
