@@ -843,6 +843,56 @@ def read_field_of_view(path, shape=None, min_elevation=None):
     return sky
 
 
+class Horizon(NamedTuple):
+    """The sky found in each frame (``sky_mask``), less what lies below ``min_elevation`` degrees.
+
+    For ``--min_elevation`` without an elevation map. Each pixel's elevation
+    is that of an equidistant fisheye whose circle's edge is the horizon
+    (``fisheye_elevation``). Pass it where a field of view goes
+    (``prepare_frame``); a frame in which no fisheye border is found is
+    cut by the circle inscribed in the frame.
+    """
+
+    min_elevation: float
+
+    def cut(self, sky):
+        """``sky`` (rows, cols) bool less its pixels below ``min_elevation``."""
+        return sky & (fisheye_elevation(sky) >= self.min_elevation) if sky.any() else sky
+
+
+def fisheye_elevation(sky):
+    """Each pixel's elevation in degrees, for an equidistant fisheye whose horizon is the edge of ``sky``.
+
+    Parameters
+    ----------
+    sky : ndarray of shape (rows, cols), bool
+        The fisheye circle (``sky_mask``); at least one pixel.
+
+    Returns
+    -------
+    elevation : ndarray of shape (rows, cols), float32
+        ``90 * (1 - r)`` at ``r`` sky radii from the circle's centre
+        (``sky_coordinates``): 90 at the zenith, 0 on the circle's edge,
+        negative beyond it. All-sky lenses are close to equidistant, but a
+        lens whose view is narrower than 180 degrees puts the edge above
+        the horizon; a calibrated map (``read_field_of_view``) is exact.
+    """
+    down, right = sky_coordinates(sky)
+    return (90.0 * (1.0 - np.hypot(down, right))).astype(np.float32)
+
+
+def user_sky(path=None, min_elevation=None):
+    """The sky of ``--field_of_view`` and ``--min_elevation``, for ``prepare_frame``.
+
+    A bool array from the file at ``path`` (``read_field_of_view``), else a
+    ``Horizon`` when only ``min_elevation`` is given, else None (the sky
+    found in each frame).
+    """
+    if path:
+        return read_field_of_view(path, min_elevation=min_elevation)
+    return Horizon(min_elevation) if min_elevation is not None else None
+
+
 def estimate_camera_range(samples, full_scale):
     """The counts that become 0 and 1 for one camera: (low, high).
 
@@ -1468,19 +1518,22 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
     preprocessing : dict
         The model's settings (``LEGACY_PREPROCESSING`` keys): ``normalize``,
         ``camera_range`` and ``full_scale``.
-    field_of_view : ndarray of shape (rows, cols), bool, optional
-        The user's sky (``read_field_of_view``); default: ``sky_mask``.
+    field_of_view : ndarray of shape (rows, cols), bool, or Horizon, optional
+        The user's sky (``user_sky``): a bool array, or the horizon to cut
+        from the sky found; default: ``sky_mask``.
     """
     low, high = frame_range(full_scale, preprocessing)
     image = scale_counts(pixels, low, high)
-    if field_of_view is not None:
+    if field_of_view is None or isinstance(field_of_view, Horizon):
+        sky = sky_mask(image)
+        found = not sky.all()
+        if field_of_view is not None:
+            sky = field_of_view.cut(sky)
+    else:
         if field_of_view.shape != image.shape[:2]:
             raise DataError(f"the field of view is {field_of_view.shape[0]}x{field_of_view.shape[1]} but the "
                             f"frame is {image.shape[0]}x{image.shape[1]}")
         sky, found = field_of_view, True
-    else:
-        sky = sky_mask(image)
-        found = not sky.all()
     quantum = 1.0 / (high - low)
     model_input = normalize_frame(image, sky, quantum, preprocessing.get("normalize", "none"),
                                   preprocessing.get("background_sectors", 0), preprocessing.get("grey_scales"),
@@ -2974,6 +3027,17 @@ def nonnegative_float(text):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}") from None
     if not 0 <= value < np.inf:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, received {value}")
+    return value
+
+
+def elevation(text):
+    """argparse type: degrees above the horizon, from -90 to below 90."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected degrees from -90 to below 90, received {text!r}") from None
+    if not -90 <= value < 90:
+        raise argparse.ArgumentTypeError(f"expected degrees from -90 to below 90, received {value}")
     return value
 
 

@@ -984,8 +984,11 @@ def frame_scores(predicted, truth, sky):
     (``mask_metrics``); a frame without gets ``false_aurora``, the fraction
     of its sky called aurora. The other keys are None (empty cells), so that
     the 1.0 of an empty mask predicted empty and the 0.0 of a few false
-    pixels on an aurora-free frame never enter a mean IoU.
+    pixels on an aurora-free frame never enter a mean IoU. Only the sky is
+    scored: true aurora outside it (below ``--min_elevation``, say) is not
+    asked for.
     """
+    truth = truth & sky
     scores = {"true_fraction": float(truth[sky].mean()) if sky.any() else 0.0,
               "iou": None, "precision": None, "recall": None, "false_aurora": None}
     if truth.any():
@@ -1316,8 +1319,9 @@ def segment_arrays(model, frames, preprocessing=None, full_scale=None, field_of_
     full_scale : float, optional
         Full scale of the counts; default from the dtype (``data.full_scale_of``),
         and for float counts the full scale the model was trained on.
-    field_of_view : ndarray of shape (rows, cols), bool, optional
-        The sky; default: found in each frame (``data.sky_mask``).
+    field_of_view : ndarray of shape (rows, cols), bool, or data.Horizon, optional
+        The sky (``data.user_sky``); default: found in each frame
+        (``data.sky_mask``).
     **settings
         ``segment_frame``'s keywords: ``stride``, ``adaptive``, ``refine``, ...
 
@@ -1892,8 +1896,10 @@ def build_parser():
     sky.add_argument("--field_of_view", default=None, metavar="FILE",
                      help="the sky: a picture (nonzero = sky), or with --min_elevation a map of elevation in "
                           "degrees (FITS); default: the fisheye circle found in each frame")
-    sky.add_argument("--min_elevation", type=float, default=None, metavar="DEGREES",
-                     help="with an elevation map: leave out the sky below this elevation (10 to 20 is usual)")
+    sky.add_argument("--min_elevation", type=data.elevation, default=None, metavar="DEGREES",
+                     help="leave out the sky below this elevation (10 to 20 is usual), by the elevation map of "
+                          "--field_of_view or, without one, as if the fisheye circle were equidistant with its edge "
+                          "on the horizon")
     sky.add_argument("--north", choices=NORTH, default="up",
                      help="the side of the frame north is on, for the keograms (default: %(default)s)")
     advanced = parser.add_argument_group("model evaluation (advanced)")
@@ -1960,8 +1966,6 @@ def check_run(args, save_dir, files):
     """
     if args.resume and args.overwrite:
         raise data.UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
-    if args.min_elevation is not None and not args.field_of_view:
-        raise data.UsageError("--min_elevation needs --field_of_view (a map of elevation in degrees)")
     model_path = data.check_model_path(args.model)
     sources = shard_sources(list_sources(args.dataset, args.recursive), args.shard)
     masks = match_masks(sources, args.masks, args.recursive) if args.masks else {}
@@ -1979,8 +1983,7 @@ def check_run(args, save_dir, files):
         if existing:
             raise data.UsageError(f"{existing[0]} already exists; use --overwrite to replace, or --resume "
                                   f"to continue that run")
-    field_of_view = (data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation)
-                     if args.field_of_view else None)
+    field_of_view = data.user_sky(args.field_of_view, args.min_elevation)
     data.import_keras(args.backend_logs)
     model, preprocessing = data.load_model(model_path)
     return Run(sources, masks, field_of_view, model, preprocessing, settings)

@@ -206,8 +206,8 @@ BACKGROUND_JITTER = 2.0
 
 
 def read_field_of_view(args):
-    """The user's sky (``--field_of_view``, ``--min_elevation``) as a bool array, or None."""
-    return data.read_field_of_view(args.field_of_view, min_elevation=args.min_elevation) if args.field_of_view else None
+    """The user's sky (``--field_of_view``, ``--min_elevation``): ``data.user_sky``."""
+    return data.user_sky(args.field_of_view, args.min_elevation)
 
 
 def load_patch_sets(args, preprocessing, rng):
@@ -1066,8 +1066,10 @@ def build_parser():
     frames.add_argument("--field_of_view", default=None, metavar="FILE",
                         help="the sky: a picture (nonzero = sky), or with --min_elevation an elevation map "
                              "(degrees); default: the fisheye circle of each frame")
-    frames.add_argument("--min_elevation", type=float, default=None, metavar="DEGREES",
-                        help="with an elevation map: leave out the sky below this elevation")
+    frames.add_argument("--min_elevation", type=data.elevation, default=None, metavar="DEGREES",
+                        help="leave out the sky below this elevation (10 to 20 is usual), by the elevation map of "
+                             "--field_of_view or, without one, as if the fisheye circle were equidistant with its "
+                             "edge on the horizon")
     frames.add_argument("--background_sectors", type=data.nonnegative_int, default=0, metavar="N",
                         help="take the outer sky's background per azimuth sector, N around the sky, for glow on "
                              f"one side of the horizon (try {data.BACKGROUND_SECTORS}; default: %(default)s, one "
@@ -1175,8 +1177,6 @@ def check_args(args):
     if args.early_stopping and (args.val_fraction == 0 or args.P_n_sacrifice == 0):
         raise data.UsageError("--early_stopping needs held-out P and U patches: --val_fraction > 0 and "
                               "--P_n_sacrifice > 0")
-    if args.min_elevation is not None and not args.field_of_view:
-        raise data.UsageError("--min_elevation needs --field_of_view (a map of elevation in degrees)")
     for flag, folders in (("P_dataset", args.P_dataset), ("U_dataset", [args.U_dataset]),
                           ("N_dataset", [args.N_dataset] if args.N_dataset else [])):
         for folder in folders:

@@ -99,12 +99,16 @@ def run(script, *arguments, check=True):
 # --sky_template: main()); a training's own flags come after them and so win (the real patches are
 # 32x32 and have no sky around them to place them in).
 TRAIN_FLAGS = []
+# Flags of the sky (--min_elevation: main()) that training and segmentation of whole frames both take; the
+# real patches have no horizon.
+SKY_FLAGS = []
 
 
-def train_model(folder, P, U, seed, *extra):
+def train_model(folder, P, U, seed, *extra, whole_frames=True):
     """train.py on folders P and U into ``folder``; returns (config or None when training failed, seconds)."""
     seconds, code, output = run("train.py", "--P_dataset", P, "--U_dataset", U, "--save_dir", folder, "--seed",
-                                seed, "--quiet", *TRAIN_FLAGS, *extra, check=False)
+                                seed, "--quiet", *TRAIN_FLAGS, *(SKY_FLAGS if whole_frames else []), *extra,
+                                check=False)
     if code == 2 and ("look alike" in output or "look like U's aurora" in output):
         # A stop a user would see on these frames (no aurora found, or P frames taken for aurora): a failed
         # run, not a broken evaluation.
@@ -119,7 +123,7 @@ def train_model(folder, P, U, seed, *extra):
 def segment(model, frames, masks, out, *extra):
     """segmentation.py with true masks; returns the summary rows (without the mean row)."""
     run("segmentation.py", "--dataset", frames, "--model", model, "--save_dir", out, "--masks", masks, "--quiet",
-        "--outputs", "mask", "probability", *extra)
+        "--outputs", "mask", "probability", *SKY_FLAGS, *extra)
     with open(Path(out) / "summary.csv", newline="") as handle:
         return [row for row in csv.DictReader(handle) if row["file"] != "mean"]
 
@@ -158,7 +162,8 @@ def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
     patches = []
     for path in paths[::max(1, len(paths) // frames)][:frames]:
         frame = next(data.read_frames(path))
-        prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing)
+        prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing,
+                                      data.Horizon(float(SKY_FLAGS[1])) if SKY_FLAGS else None)
         patches.append(data.sample_patches(prepared.model_input, prepared.sky, data.patch_size_of(model), per_frame,
                                            rng)[0])
     patches = np.concatenate(patches)
@@ -222,6 +227,8 @@ def calibration(probability_folder, mask_folder, frame_folder, bins=10):
         probability = np.load(path)
         truth = np.asarray(Image.open(Path(mask_folder) / f"{path.stem}.png")) > 0
         sky = data.sky_mask(data.read_image(Path(frame_folder) / f"{path.stem}.png"))
+        if SKY_FLAGS:
+            sky = data.Horizon(float(SKY_FLAGS[1])).cut(sky)
         p, t = probability[sky], truth[sky]
         index = np.minimum((p * bins).astype(int), bins - 1)
         counts += np.bincount(index, minlength=bins)
@@ -475,7 +482,7 @@ def real_patch_split(work, split, prior, seed):
     # The labels describe whole 32x32 patches, so the model sees whole patches.
     config, seconds = train_model(folder / "model", folder / "P", folder / "U", seed, "--prior", prior,
                                   "--patch_size", "32", "--no-position", "--no-sky_template",
-                                  "--background_jitter", "0")
+                                  "--background_jitter", "0", whole_frames=False)
     if config is None:
         return {"split": split, "prior_flag": prior, "seed": seed, "failed": True, "seconds": seconds}
     model, _ = data.load_model(folder / "model" / "model.keras")
@@ -654,11 +661,16 @@ def main(argv=None):
     parser.add_argument("--background_jitter", type=float, help="train.py's --background_jitter for every training "
                                                                  "of whole frames; the results go to results.json as "
                                                                  "'<set> --background_jitter <levels>'")
+    parser.add_argument("--min_elevation", type=float, help="train.py's and segmentation.py's --min_elevation for "
+                                                             "every set of whole frames, the scores within that sky; "
+                                                             "the results go to results.json as "
+                                                             "'<set> --min_elevation <degrees>'")
     args = parser.parse_args(argv)
+    SKY_FLAGS[:] = ["--min_elevation", str(args.min_elevation)] if args.min_elevation is not None else []
     TRAIN_FLAGS[:] = [text for flag in ("model", "patch_size", "background_jitter") if getattr(args, flag) is not None
                       for text in (f"--{flag}", str(getattr(args, flag)))] + [
         f"--{flag}" for flag in ("position", "sky_template") if getattr(args, flag)]
-    suffix = "".join(f" {text}" for text in TRAIN_FLAGS)
+    suffix = "".join(f" {text}" for text in TRAIN_FLAGS + SKY_FLAGS)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}

@@ -303,6 +303,44 @@ def test_grey_scales_are_chosen_for_monochrome_frames_only_and_stored_with_the_m
     np.testing.assert_array_equal(before.model_input[..., 0], before.model_input[..., 2])
 
 
+# ------------------------------------------------------------ the sky the user means: --min_elevation
+
+DASC = ROOT.parent / "shared" / "real_frames" / "pkr_dasc"
+
+
+@pytest.mark.skipif(not DASC.is_dir(), reason="needs ../shared/real_frames")
+def test_the_fisheye_elevation_follows_a_calibrated_all_sky_lens():
+    frame = next(data.read_frames(DASC / "PKR_DASC_0558_20151007_082351.743.FITS"))
+    low, high = data.estimate_camera_range([frame.pixels], frame.full_scale)
+    preprocessing = {"normalize": "none", "camera_range": [low, high], "full_scale": frame.full_scale}
+    sky = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing).sky
+    calibrated = next(data.read_frames(DASC / "cal" / "PKR_DASC_0558_20150213_El.FIT")).pixels[..., 0]
+    guessed = data.fisheye_elevation(sky)
+    mapped = sky & np.isfinite(calibrated) & (calibrated > 0)
+    assert np.median(np.abs(guessed[mapped] - calibrated[mapped])) < 5.0  # degrees
+    above, truly_above = sky & (guessed >= 15), sky & (calibrated >= 15)
+    assert (above & truly_above).sum() / (above | truly_above).sum() > 0.85
+    # With the map itself, the cut is the map's.
+    np.testing.assert_array_equal(data.user_sky(DASC / "cal" / "PKR_DASC_0558_20150213_El.FIT", 15.0),
+                                  np.isfinite(calibrated) & (calibrated >= 15) & (calibrated <= 90))
+
+
+def test_min_elevation_without_a_map_cuts_the_horizon_off_the_sky_found_in_each_frame():
+    image, _ = data.synthetic_frame(128, seed=3, aurora=False)
+    preprocessing = {"normalize": "none", "camera_range": [0.0, 255.0], "full_scale": 255.0}
+    whole = data.prepare_frame(image.astype(np.float32), 255.0, preprocessing)
+    cut = data.prepare_frame(image.astype(np.float32), 255.0, preprocessing, data.Horizon(30.0))
+    assert cut.sky_found and not (cut.sky & ~whole.sky).any()
+    # Above 30 degrees of an equidistant fisheye: inside 2/3 of the circle's radius.
+    np.testing.assert_allclose(cut.sky.sum() / whole.sky.sum(), (2 / 3) ** 2, rtol=0.05)
+    np.testing.assert_array_equal(outer_sky(whole.sky, 0.7) & cut.sky, False)
+    # No border found: the circle inscribed in the frame is the horizon.
+    flat = np.full((64, 64, 3), 100.0, np.float32)
+    cut_flat = data.prepare_frame(flat, 255.0, preprocessing, data.Horizon(0.0))
+    assert not cut_flat.sky_found
+    np.testing.assert_allclose(cut_flat.sky.mean(), np.pi / 4, rtol=0.05)
+
+
 # ------------------------------------------------------------ where in the sky: --position
 
 def disk(size, radius):

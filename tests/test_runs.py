@@ -7,6 +7,7 @@ exactly when its red value is above 0.5, so every mask is known in advance.
 import csv
 import datetime
 import gzip
+import json
 import subprocess
 import sys
 
@@ -211,6 +212,27 @@ def test_field_of_view_limits_the_sky(tmp_path, model_file, capsys):
     mask = np.asarray(Image.open(out / "mask" / "all.png")) > 0
     assert mask[:, :10].all() and not mask[:, 10:].any()
     assert float(summary(out)[0]["aurora_fraction"]) == 1.0  # of the sky the user gave
+
+
+def test_min_elevation_alone_cuts_the_horizon_off_each_fisheye_circle(tmp_path, model_file, capsys):
+    rows, cols = np.ogrid[:48, :48]
+    distance = np.hypot(rows - 23.5, cols - 23.5) / 20  # in radii of a circle 40 pixels across
+    frame = np.zeros((48, 48, 3), np.float32)
+    frame[distance <= 1] = [0.9, 0.3, 0.3]  # all "aurora"
+    (tmp_path / "frames").mkdir()
+    write_png(tmp_path / "frames" / "all.png", frame)
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(((distance <= 1) * 255).astype(np.uint8)).save(tmp_path / "masks" / "all.png")
+    out = tmp_path / "out"
+    code, captured = run(capsys, "--dataset", tmp_path / "frames", "--model", model_file, "--save_dir", out,
+                         "--min_elevation", "45", "--outputs", "mask", "--masks", tmp_path / "masks")
+    assert code == 0, captured.err
+    mask = np.asarray(Image.open(out / "mask" / "all.png")) > 0
+    # 45 degrees: half the radius of an equidistant fisheye.
+    assert mask[distance < 0.45].all() and not mask[distance > 0.55].any()
+    # Of the sky above 45 degrees; the true aurora below it is not asked for.
+    assert float(summary(out)[0]["aurora_fraction"]) == 1.0 and float(summary(out)[0]["iou"]) == 1.0
+    assert json.loads((out / "run.json").read_text())["settings"]["min_elevation"] == 45.0
 
 
 # ------------------------------------------------------------ resume

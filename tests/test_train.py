@@ -167,7 +167,7 @@ def test_n_dataset_selects_pnu_and_trains(folders, tmp_path):
     (["--patch_size", "64"], r"P: none of its 6 files gave a frame usable for 64x64 patches"),
     (["--seed", "-1"], r"argument --seed: expected an integer >= 0, received -1"),
     (["--P_n_sacrifice", "-2"], r"argument --P_n_sacrifice: expected an integer >= 0, received -2"),
-    (["--min_elevation", "10"], r"--min_elevation needs --field_of_view"),
+    (["--min_elevation", "90"], r"argument --min_elevation: expected degrees from -90 to below 90, received 90.0"),
     (["--background_sectors", "-1"], r"argument --background_sectors: expected an integer >= 0, received -1"),
     # 48x48 images are patches (under 4 patches a side): no sky around them to take sectors of.
     (["--background_sectors", "12"], r"--background_sectors needs the background normalization"),
