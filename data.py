@@ -685,10 +685,15 @@ BRIGHT_SMOOTHING = 1.5
 BRIGHT_GROWTH = 3
 
 
-def borderless_warning(names):
-    """The one-line warning for frames where ``sky_mask`` found no fisheye border (``names``: non-empty)."""
-    return (f"warning: no fisheye border found in {len(names)} frame(s) (first: {names[0]}): their whole frame "
-            f"counts as sky; give the sky with --field_of_view")
+def borderless_warning(names, horizon=False):
+    """The one-line warning for frames where ``sky_mask`` found no fisheye border (``names``: non-empty).
+
+    ``horizon``: the sky is cut by ``Horizon`` (``--min_elevation`` without a map).
+    """
+    sky = ("the circle inscribed in the frame is taken for the horizon" if horizon
+           else "their whole frame counts as sky")
+    return (f"warning: no fisheye border found in {len(names)} frame(s) (first: {names[0]}): {sky}; give the sky "
+            f"with --field_of_view")
 
 
 def sky_mask(image, threshold=None, smoothing=5, min_border_fraction=0.005, min_sky_fraction=0.2):

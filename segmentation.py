@@ -2019,7 +2019,8 @@ def report(args, save_dir, rows, all_rows, done_before, seconds, nights, warn, s
     if nights:
         print(f"night figures and keograms: {', '.join(nights)} in {save_dir / 'night'}")
     if warn["borderless"]:
-        print(f"{PROG}: {data.borderless_warning(warn['borderless'])}", file=sys.stderr)
+        horizon = args.min_elevation is not None and not args.field_of_view
+        print(f"{PROG}: {data.borderless_warning(warn['borderless'], horizon)}", file=sys.stderr)
     if warn["other_scale"]:
         print(f"{PROG}: warning: {len(warn['other_scale'])} frame(s) (first: {warn['other_scale'][0]}) have another "
               f"bit depth than the model's training frames (full scale {preprocessing['full_scale']:g}): they are "

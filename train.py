@@ -1250,7 +1250,8 @@ def main(argv=None):
               f"aurora; the prior {config['prior']:.3f} says {1 - config['prior']:.1%} of U is")
     skyless = config["frames_without_border"]["P"] + config["frames_without_border"]["U"]
     if skyless:
-        print(f"train.py: {data.borderless_warning(skyless)}", file=sys.stderr)
+        horizon = args.min_elevation is not None and not args.field_of_view
+        print(f"train.py: {data.borderless_warning(skyless, horizon)}", file=sys.stderr)
     if config["U_frames_unlike_P"]:
         names = config["U_frames_unlike_P"]
         print(f"train.py: warning: {len(names)} U frame(s) have a sky unlike every P frame ({', '.join(names[:5])}"
