@@ -1525,10 +1525,14 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
         ``camera_range`` and ``full_scale``.
     field_of_view : ndarray of shape (rows, cols), bool, or Horizon, optional
         The user's sky (``user_sky``): a bool array, or the horizon to cut
-        from the sky found; default: ``sky_mask``.
+        from the sky found; default: ``sky_mask``, cut at the model's own
+        ``min_elevation`` when it has one (``--min_elevation`` without a
+        map in training).
     """
     low, high = frame_range(full_scale, preprocessing)
     image = scale_counts(pixels, low, high)
+    if field_of_view is None and preprocessing.get("min_elevation") is not None:
+        field_of_view = Horizon(preprocessing["min_elevation"])
     if field_of_view is None or isinstance(field_of_view, Horizon):
         sky = sky_mask(image)
         found = not sky.all()

@@ -1899,7 +1899,8 @@ def build_parser():
     sky.add_argument("--min_elevation", type=data.elevation, default=None, metavar="DEGREES",
                      help="leave out the sky below this elevation (10 to 20 is usual), by the elevation map of "
                           "--field_of_view or, without one, as if the fisheye circle were equidistant with its edge "
-                          "on the horizon")
+                          "on the horizon; default: the model's own (train.py's --min_elevation without a map), "
+                          "-90 keeps the whole circle")
     sky.add_argument("--north", choices=NORTH, default="up",
                      help="the side of the frame north is on, for the keograms (default: %(default)s)")
     advanced = parser.add_argument_group("model evaluation (advanced)")

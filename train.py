@@ -183,7 +183,9 @@ def resolve_preprocessing(args, paths):
             "camera_range": survey["camera_range"], "patch_size": args.patch_size,
             "background_sectors": args.background_sectors if normalize == "background" else 0,
             "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None,
-            "position": bool(args.position), "sky_template": None, "mask_bright": bool(args.sky_template)}
+            "position": bool(args.position), "sky_template": None, "mask_bright": bool(args.sky_template),
+            # Without a map the horizon goes with the model, so that segmentation cuts it as training did.
+            "min_elevation": None if args.field_of_view else args.min_elevation}
 
 
 # Patches of the P and of the U frames drawn apart from the training ones

@@ -334,6 +334,17 @@ def test_min_elevation_without_a_map_cuts_the_horizon_off_the_sky_found_in_each_
     # Above 30 degrees of an equidistant fisheye: inside 2/3 of the circle's radius.
     np.testing.assert_allclose(cut.sky.sum() / whole.sky.sum(), (2 / 3) ** 2, rtol=0.05)
     np.testing.assert_array_equal(outer_sky(whole.sky, 0.7) & cut.sky, False)
+    # A model trained with the cut carries it: its frames are cut without being told, unless told otherwise.
+    carried = data.prepare_frame(image.astype(np.float32), 255.0, {**preprocessing, "min_elevation": 30.0})
+    np.testing.assert_array_equal(carried.sky, cut.sky)
+    uncut = data.prepare_frame(image.astype(np.float32), 255.0, {**preprocessing, "min_elevation": 30.0},
+                               data.Horizon(-90.0))
+    np.testing.assert_array_equal(uncut.sky, whole.sky)
+    flags = ["--P_dataset", "P", "--U_dataset", "U", "--min_elevation", "10"]
+    paths = sorted((ROOT / "dataset" / "Positive").glob("*.png"))[:2]
+    assert train.resolve_preprocessing(train.build_parser().parse_args(flags), paths)["min_elevation"] == 10.0
+    with_map = train.build_parser().parse_args(flags + ["--field_of_view", "El.FIT"])
+    assert train.resolve_preprocessing(with_map, paths)["min_elevation"] is None
     # No border found: the circle inscribed in the frame is the horizon.
     flat = np.full((64, 64, 3), 100.0, np.float32)
     cut_flat = data.prepare_frame(flat, 255.0, preprocessing, data.Horizon(0.0))
@@ -489,8 +500,8 @@ def test_a_model_with_positions_and_a_sky_template_trains_segments_and_loads_wit
     out = tmp_path / "model"
     assert train.main(["--P_dataset", str(P), "--U_dataset", str(U), "--save_dir", str(out), "--model", "CNN",
                        "--patch_size", "16", "--P_n", "600", "--U_n", "800", "--epochs", "2", "--prior", "0.6",
-                       "--position", "--sky_template", "--background_jitter", "2", "--quiet"]) == 0, \
-        capsys.readouterr().err
+                       "--position", "--sky_template", "--background_jitter", "2", "--min_elevation", "5",
+                       "--quiet"]) == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["position"] is True and config["preprocessing"]["position"] is True
     assert config["preprocessing"]["sky_template"]["cells"] == [data.SKY_TEMPLATE_CELLS] * 2
@@ -501,10 +512,15 @@ def test_a_model_with_positions_and_a_sky_template_trains_segments_and_loads_wit
     # The template travels in model.keras, so that segmentation takes it off as training did.
     assert np.asarray(stored["sky_template"]).shape == (data.SKY_TEMPLATE_CELLS, data.SKY_TEMPLATE_CELLS, 3)
     assert stored["mask_bright"] is True and config["preprocessing"]["mask_bright"] is True
+    assert stored["min_elevation"] == 5.0
     assert segmentation.main(["--dataset", str(U), "--model", str(out / "model.keras"), "--save_dir",
                               str(tmp_path / "seg"), "--masks", str(U_masks), "--outputs", "mask", "--quiet"]) == 0
     rows = {row["name"]: row for row in segmentation_summary(tmp_path / "seg")}
     assert np.mean([float(rows[name]["iou"]) for name in ("f_00", "f_02", "f_03")]) > 0.2, rows
+    # The model's horizon is cut without segmentation.py being told.
+    image = data.read_image(U / "f_00.png")
+    below = data.sky_mask(image) & (data.fisheye_elevation(data.sky_mask(image)) < 4.0)
+    assert below.any() and not (np.asarray(Image.open(tmp_path / "seg" / "mask" / "f_00.png"))[below] > 0).any()
     # Stock layers only: loads in a bare process, 6 channels in, one logit out.
     script = ("import keras, numpy as np, sys; m = keras.models.load_model(sys.argv[1], compile=False); "
               "print(m.predict(np.zeros((2, 16, 16, 6), 'float32'), verbose=0).shape)")
