@@ -855,7 +855,9 @@ class Horizon(NamedTuple):
     is that of an equidistant fisheye whose circle's edge is the horizon
     (``fisheye_elevation``). Pass it where a field of view goes
     (``prepare_frame``); a frame in which no fisheye border is found is
-    cut by the circle inscribed in the frame.
+    cut by the circle inscribed in the frame. Unlike a field of view, it
+    leaves how the frame is prepared (background, template, positions) as
+    without it: patches are drawn, scored and masked above the cut only.
     """
 
     min_elevation: float
@@ -1397,8 +1399,9 @@ def _frame_templates(paths, preprocessing, field_of_view, frames):
                     continue
                 prepared = prepare_frame(frame.pixels, frame.full_scale, preprocessing, field_of_view)
                 if prepared.sky.any():
+                    # Laid over the circle, as normalize_frame reads it back.
                     excess = np.float32(NORMALIZE_SOFTENING) * np.sinh(prepared.model_input[..., :3])
-                    templates.append(frame_template(excess, prepared.sky))
+                    templates.append(frame_template(excess, prepared.circle))
         except DataError:
             continue
     if not templates:
@@ -1487,9 +1490,11 @@ class Prepared(NamedTuple):
 
     ``image`` (rows, cols, 3) float32 in [0, 1], for pictures and the mask
     refinement; ``model_input`` (rows, cols, 3) float32, what the model's
-    patches are cut from; ``sky`` (rows, cols) bool; ``sky_found``, False
-    when no fisheye border was found and the whole frame counts as sky;
-    ``quantum``, one count of the frame in ``image`` units.
+    patches are cut from; ``sky`` (rows, cols) bool, where patches are
+    drawn, scored and masked; ``sky_found``, False when no fisheye border
+    was found and the whole frame counts as sky; ``quantum``, one count of
+    the frame in ``image`` units; ``circle`` (rows, cols) bool, the sky the
+    frame was prepared over: ``sky`` before a ``Horizon`` cut.
     """
 
     image: np.ndarray
@@ -1497,6 +1502,7 @@ class Prepared(NamedTuple):
     sky: np.ndarray
     sky_found: bool
     quantum: float
+    circle: np.ndarray
 
 
 def frame_range(full_scale, preprocessing):
@@ -1536,8 +1542,6 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
     if field_of_view is None or isinstance(field_of_view, Horizon):
         sky = sky_mask(image)
         found = not sky.all()
-        if field_of_view is not None:
-            sky = field_of_view.cut(sky)
     else:
         if field_of_view.shape != image.shape[:2]:
             raise DataError(f"the field of view is {field_of_view.shape[0]}x{field_of_view.shape[1]} but the "
@@ -1548,7 +1552,10 @@ def prepare_frame(pixels, full_scale, preprocessing, field_of_view=None):
                                   preprocessing.get("background_sectors", 0), preprocessing.get("grey_scales"),
                                   bool(preprocessing.get("position")), preprocessing.get("sky_template"),
                                   bool(preprocessing.get("mask_bright")))
-    return Prepared(image, model_input, sky, found, quantum)
+    # The background, the template and the positions are those of the whole
+    # circle, whatever the cut: it only narrows the sky that is used.
+    used = field_of_view.cut(sky) if isinstance(field_of_view, Horizon) else sky
+    return Prepared(image, model_input, used, found, quantum, sky)
 
 
 def import_keras(show_backend_logs=False):

@@ -334,6 +334,13 @@ def test_min_elevation_without_a_map_cuts_the_horizon_off_the_sky_found_in_each_
     # Above 30 degrees of an equidistant fisheye: inside 2/3 of the circle's radius.
     np.testing.assert_allclose(cut.sky.sum() / whole.sky.sum(), (2 / 3) ** 2, rtol=0.05)
     np.testing.assert_array_equal(outer_sky(whole.sky, 0.7) & cut.sky, False)
+    # The frame is prepared over its whole circle: only the sky used is cut.
+    template = {**preprocessing, "normalize": "background", "position": True, "mask_bright": True,
+                "sky_template": np.ones((data.SKY_TEMPLATE_CELLS, data.SKY_TEMPLATE_CELLS, 3)).tolist()}
+    np.testing.assert_array_equal(data.prepare_frame(image.astype(np.float32), 255.0, template).model_input,
+                                  data.prepare_frame(image.astype(np.float32), 255.0, template,
+                                                     data.Horizon(30.0)).model_input)
+    np.testing.assert_array_equal(cut.circle, whole.sky)
     # A model trained with the cut carries it: its frames are cut without being told, unless told otherwise.
     carried = data.prepare_frame(image.astype(np.float32), 255.0, {**preprocessing, "min_elevation": 30.0})
     np.testing.assert_array_equal(carried.sky, cut.sky)
