@@ -690,7 +690,7 @@ def borderless_warning(names, horizon=False):
 
     ``horizon``: the sky is cut by ``Horizon`` (``--min_elevation`` without a map).
     """
-    sky = ("the circle inscribed in the frame is taken for the horizon" if horizon
+    sky = ("the frame's centre is taken for the zenith and half its longer side for the horizon" if horizon
            else "their whole frame counts as sky")
     return (f"warning: no fisheye border found in {len(names)} frame(s) (first: {names[0]}): {sky}; give the sky "
             f"with --field_of_view")
@@ -854,8 +854,9 @@ class Horizon(NamedTuple):
     For ``--min_elevation`` without an elevation map. Each pixel's elevation
     is that of an equidistant fisheye whose circle's edge is the horizon
     (``fisheye_elevation``). Pass it where a field of view goes
-    (``prepare_frame``); a frame in which no fisheye border is found is
-    cut by the circle inscribed in the frame. Unlike a field of view, it
+    (``prepare_frame``); in a frame in which no fisheye border is found the
+    frame's centre is the zenith and half its longer side the horizon's
+    distance (``sky_coordinates``). Unlike a field of view, it
     leaves how the frame is prepared (background, template, positions) as
     without it: patches are drawn, scored and masked above the cut only.
     """

@@ -1899,8 +1899,8 @@ def build_parser():
     sky.add_argument("--min_elevation", type=data.elevation, default=None, metavar="DEGREES",
                      help="leave out the sky below this elevation (10 to 20 is usual), by the elevation map of "
                           "--field_of_view or, without one, as if the fisheye circle were equidistant with its edge "
-                          "on the horizon; default: the model's own (train.py's --min_elevation without a map), "
-                          "-90 keeps the whole circle")
+                          "on the horizon; default: the model's own (train.py's --min_elevation without a map) "
+                          "unless --field_of_view is given; -90 keeps the whole circle")
     sky.add_argument("--north", choices=NORTH, default="up",
                      help="the side of the frame north is on, for the keograms (default: %(default)s)")
     advanced = parser.add_argument_group("model evaluation (advanced)")
@@ -2020,7 +2020,8 @@ def report(args, save_dir, rows, all_rows, done_before, seconds, nights, warn, s
     if nights:
         print(f"night figures and keograms: {', '.join(nights)} in {save_dir / 'night'}")
     if warn["borderless"]:
-        horizon = args.min_elevation is not None and not args.field_of_view
+        horizon = not args.field_of_view and (args.min_elevation is not None
+                                              or (preprocessing or {}).get("min_elevation") is not None)
         print(f"{PROG}: {data.borderless_warning(warn['borderless'], horizon)}", file=sys.stderr)
     if warn["other_scale"]:
         print(f"{PROG}: warning: {len(warn['other_scale'])} frame(s) (first: {warn['other_scale'][0]}) have another "

@@ -185,7 +185,7 @@ def resolve_preprocessing(args, paths):
             "grey_scales": list(data.GREY_SCALES) if normalize == "background" and survey["grey"] else None,
             "position": bool(args.position), "sky_template": None, "mask_bright": bool(args.sky_template),
             # Without a map the horizon goes with the model, so that segmentation cuts it as training did.
-            "min_elevation": None if args.field_of_view else args.min_elevation}
+            "min_elevation": None if getattr(args, "field_of_view", None) else getattr(args, "min_elevation", None)}
 
 
 # Patches of the P and of the U frames drawn apart from the training ones

@@ -352,11 +352,20 @@ def test_min_elevation_without_a_map_cuts_the_horizon_off_the_sky_found_in_each_
     assert train.resolve_preprocessing(train.build_parser().parse_args(flags), paths)["min_elevation"] == 10.0
     with_map = train.build_parser().parse_args(flags + ["--field_of_view", "El.FIT"])
     assert train.resolve_preprocessing(with_map, paths)["min_elevation"] is None
-    # No border found: the circle inscribed in the frame is the horizon.
+    # No border found: the centre of the (square) frame is the zenith, half its side the horizon.
     flat = np.full((64, 64, 3), 100.0, np.float32)
     cut_flat = data.prepare_frame(flat, 255.0, preprocessing, data.Horizon(0.0))
     assert not cut_flat.sky_found
     np.testing.assert_allclose(cut_flat.sky.mean(), np.pi / 4, rtol=0.05)
+
+
+def test_the_sky_template_is_laid_over_the_whole_circle_whatever_the_cut(tmp_path):
+    folder, _ = frames_folder(tmp_path / "P", 2, [False, False], size=96, seed=40, town_glow=2.0)
+    preprocessing = {"version": data.PREPROCESSING_VERSION, "normalize": "background", "camera_range": [0.0, 255.0],
+                     "full_scale": 255.0, "sky_template": None, "mask_bright": True}
+    paths = sorted(folder.glob("*.png"))
+    np.testing.assert_array_equal(data.build_sky_template(paths, preprocessing, data.Horizon(45.0)),
+                                  data.build_sky_template(paths, preprocessing))
 
 
 # ------------------------------------------------------------ where in the sky: --position

@@ -235,15 +235,14 @@ def test_min_elevation_alone_cuts_the_horizon_off_each_fisheye_circle(tmp_path, 
     assert json.loads((out / "run.json").read_text())["settings"]["min_elevation"] == 45.0
 
 
-def test_min_elevation_on_a_frame_without_a_border_cuts_the_inscribed_circle_and_says_so(tmp_path, model_file,
-                                                                                         capsys):
+def test_min_elevation_on_a_frame_without_a_border_cuts_around_its_centre_and_says_so(tmp_path, model_file, capsys):
     frame = np.full((24, 24, 3), 0.9, np.float32)  # all "aurora", no border
     write_png(tmp_path / "all.png", frame)
     out = tmp_path / "out"
     code, captured = run(capsys, "--dataset", tmp_path / "all.png", "--model", model_file, "--save_dir", out,
                          "--min_elevation", "0", "--outputs", "mask")
     assert code == 0, captured.err
-    assert "the circle inscribed in the frame is taken for the horizon" in captured.err
+    assert "the frame's centre is taken for the zenith and half its longer side for the horizon" in captured.err
     mask = np.asarray(Image.open(out / "mask" / "all.png")) > 0
     assert mask[12, 12] and not mask[0, 0] and not mask[-1, -1]
 
