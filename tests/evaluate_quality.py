@@ -162,8 +162,7 @@ def dimmed_sky(model_path, p_folder, frames=4, per_frame=500, depths=DIMMING):
     patches = []
     for path in paths[::max(1, len(paths) // frames)][:frames]:
         frame = next(data.read_frames(path))
-        prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing,
-                                      data.Horizon(float(SKY_FLAGS[1])) if SKY_FLAGS else None)
+        prepared = data.prepare_frame(frame.pixels, frame.full_scale, preprocessing)
         patches.append(data.sample_patches(prepared.model_input, prepared.sky, data.patch_size_of(model), per_frame,
                                            rng)[0])
     patches = np.concatenate(patches)
