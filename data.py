@@ -3003,59 +3003,40 @@ def write_dataset(root, n_positive=40, n_unlabelled=40, size=256, seed=0, aurora
                 prior_frame=background_in_frame / (n_unlabelled * size * size))
 
 
+def _number(text, kind, accept, expected):
+    """An argparse value: ``kind(text)`` (int or float) for which ``accept`` holds, else the message ``expected``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, received {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, received {value}")
+    return value
+
+
 def positive_int(text):
     """argparse type: an integer >= 1 (shared by the CLIs of data.py, train.py and segmentation.py)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {value}")
-    return value
+    return _number(text, int, lambda value: value >= 1, "an integer >= 1")
 
 
 def fraction(text):
     """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], received {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], received {value}")
-    return value
+    return _number(text, float, lambda value: 0 <= value <= 1, "a number in [0, 1]")
 
 
 def nonnegative_int(text):
     """argparse type: an integer >= 0 (numpy seeds cannot be negative)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {value}")
-    return value
+    return _number(text, int, lambda value: value >= 0, "an integer >= 0")
 
 
 def nonnegative_float(text):
     """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}") from None
-    if not 0 <= value < np.inf:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {value}")
-    return value
+    return _number(text, float, lambda value: 0 <= value < np.inf, "a number >= 0")
 
 
 def elevation(text):
     """argparse type: degrees above the horizon, from -90 to below 90."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected degrees from -90 to below 90, received {text!r}") from None
-    if not -90 <= value < 90:
-        raise argparse.ArgumentTypeError(f"expected degrees from -90 to below 90, received {value}")
-    return value
+    return _number(text, float, lambda value: -90 <= value < 90, "degrees from -90 to below 90")
 
 
 def _frame_size(text):
