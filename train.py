@@ -1252,7 +1252,7 @@ def main(argv=None):
               f"aurora; the prior {config['prior']:.3f} says {1 - config['prior']:.1%} of U is")
     skyless = config["frames_without_border"]["P"] + config["frames_without_border"]["U"]
     if skyless:
-        horizon = args.min_elevation is not None and not args.field_of_view
+        horizon = config["preprocessing"]["min_elevation"] is not None  # a cut without a map
         print(f"train.py: {data.borderless_warning(skyless, horizon)}", file=sys.stderr)
     if config["U_frames_unlike_P"]:
         names = config["U_frames_unlike_P"]
